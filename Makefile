@@ -1,0 +1,42 @@
+# esclab: every target sets itself up first (a .venv with the locked packages).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(CURDIR)/$(VENV)/bin
+export PATH := $(BIN):$(PATH)
+
+# The demo: ESC-50's exact layout, made up on the spot (conf/dataset/synthetic.yaml).
+DEMO_OVERRIDES := dataset=synthetic
+# Extra overrides for repro/demo/params, e.g. make repro ARGS="dataset.archive=/path/to/ESC-50-master.zip"
+ARGS ?=
+
+.PHONY: setup repro demo test params bench
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+## repro: the main job, the whole pipeline on the real ESC-50 (downloads ~600 MB)
+repro: setup
+	python -m esclab.params $(ARGS)
+	dvc repro
+
+## demo: the same pipeline on a small synthetic ESC-50, offline, in minutes
+demo: setup
+	python -m esclab.params $(DEMO_OVERRIDES) $(ARGS)
+	dvc repro
+
+## test: the whole test suite
+test: setup
+	pytest
+
+## params: regenerate params.yaml from conf/ after editing conf/
+params: setup
+	python -m esclab.params $(ARGS)
+
+## bench: speed and memory of the features stage (prints, writes reports/bench/*.json)
+bench: setup
+	python bench/features.py

@@ -1,0 +1,88 @@
+"""Features-stage throughput against a naive per-file librosa loop, on the same clips.
+
+Both paths are warmed up first (imports, FFT plans, worker start-up on a small
+subset), then timed on the whole set. Prints a table and writes JSON.
+
+    python bench/features.py [--clips-per-class 10] [--out reports/bench/features.json]
+"""
+
+import argparse
+import json
+import platform
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import librosa
+import pandas as pd
+import torch
+
+from esclab.data.features import LogMelSettings, write_features
+from esclab.data.split import write_split
+from esclab.data.synthetic import write_tree
+
+
+def naive_loop(paths, s: LogMelSettings) -> None:
+    """What the seed project does: librosa.load + melspectrogram + power_to_db, one file at a time."""
+    for path in paths:
+        y, sr = librosa.load(path, sr=s.sample_rate, duration=s.duration)
+        mel = librosa.feature.melspectrogram(y=y, sr=sr, n_fft=s.n_fft, hop_length=s.hop_length, n_mels=s.n_mels)
+        librosa.power_to_db(mel, top_db=s.top_db)
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--clips-per-class", type=int, default=10, help="x 50 classes; 40 is ESC-50's size")
+    parser.add_argument("--out", type=Path, default=Path("reports/bench/features.json"))
+    args = parser.parse_args()
+    settings = LogMelSettings()  # the ESC-50 defaults: 44.1 kHz, 5 s, 128 mels
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        raw = write_tree(tmp, n_classes=50, clips_per_class=args.clips_per_class)
+        split = tmp / "split.csv"
+        table = write_split(raw, split, n_classes=50, n_folds=5, esc10_only=False)
+        warm = tmp / "warm.csv"
+        table.head(20).to_csv(warm, index=False)
+        paths = table["path"].tolist()
+
+        write_features(warm, tmp / "warm", settings)
+        naive_loop(paths[:20], settings)
+        stage_s = timed(lambda: write_features(split, tmp / "features", settings))
+        # ru_maxrss is a high-water mark: read it before the naive loop can raise it.
+        peak_main_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak_worker_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        naive_s = timed(lambda: naive_loop(paths, settings))
+        cache_bytes = sum(f.stat().st_size for f in (tmp / "features").iterdir())
+
+    n = len(paths)
+    result = {
+        "clips": n,
+        "clip_seconds": settings.duration,
+        "sample_rate": settings.sample_rate,
+        "stage_clips_per_s": round(n / stage_s, 1),
+        "naive_librosa_clips_per_s": round(n / naive_s, 1),
+        "speedup": round(naive_s / stage_s, 2),
+        "peak_rss_main_mb": round(peak_main_kb / 1024, 1),
+        "peak_rss_worker_mb": round(peak_worker_kb / 1024, 1),
+        "cache_mb": round(cache_bytes / 2**20, 1),
+        "cache_mb_per_1000_clips": round(cache_bytes / 2**20 / n * 1000, 1),
+        "cores": torch.get_num_threads(),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "machine": platform.processor() or platform.machine(),
+    }
+    print(pd.Series(result).to_string())
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""esclab: a reproducible environmental sound classification pipeline on ESC-50."""

@@ -1,0 +1,3 @@
+from esclab.cli import main
+
+main()

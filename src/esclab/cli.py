@@ -1,0 +1,74 @@
+"""`esclab <stage> [overrides]`: the Hydra entry points that dvc.yaml runs.
+
+Each stage reads the composed config (conf/ by default; dvc.yaml passes
+`--config-dir . --config-name params` so the stages read params.yaml) and calls
+one function with plain arguments. A user-causable error prints one line and
+exits 1; HYDRA_FULL_ERROR=1 shows the traceback instead.
+"""
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from esclab.errors import EsclabError
+
+log = logging.getLogger("esclab")
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+def download(cfg: DictConfig) -> None:
+    from esclab.data import download as dl
+    from esclab.data.synthetic import write_archive
+
+    ds = cfg.dataset
+    archive = ds.archive
+    if ds.synthetic is not None and not (ds.archive or ds.source_dir or ds.url):
+        archive = write_archive(Path(cfg.paths.downloads) / f"{ds.name}.zip", n_folds=ds.n_folds, **ds.synthetic)
+    dl.prepare_raw(Path(cfg.paths.raw), downloads=Path(cfg.paths.downloads), url=ds.url, archive=archive,
+                   source_dir=ds.source_dir, sha256=ds.sha256, size=ds.size, **cfg.download)
+
+
+def split(cfg: DictConfig) -> None:
+    from esclab.data.split import write_split
+
+    ds = cfg.dataset
+    write_split(Path(cfg.paths.raw), Path(cfg.paths.split), n_classes=ds.n_classes, n_folds=ds.n_folds,
+                esc10_only=ds.esc10_only)
+
+
+def features(cfg: DictConfig) -> None:
+    from esclab.data.features import LogMelSettings, write_features
+
+    f = cfg.features
+    settings = LogMelSettings(**{k: f[k] for k in LogMelSettings.__dataclass_fields__})
+    write_features(Path(cfg.paths.split), Path(cfg.paths.features), settings, device=f.device,
+                   batch_size=f.batch_size, num_workers=f.num_workers)
+
+
+STAGES = {"download": download, "split": split, "features": features}
+
+
+def run_reporting_errors(fn, cfg: DictConfig) -> None:
+    """Run a stage; a user-causable error becomes one line on stderr and exit status 1."""
+    try:
+        fn(cfg)
+    except EsclabError as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"esclab: error: {err}", file=sys.stderr)
+        sys.exit(1)
+
+
+def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1] not in STAGES:
+        print(f"usage: esclab {{{','.join(STAGES)}}} [key=value ...]", file=sys.stderr)
+        sys.exit(2)
+    stage = STAGES[sys.argv.pop(1)]
+    # Data stages keep no Hydra run folder: their record is dvc.lock.
+    sys.argv += ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout"]
+    hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")(
+        lambda cfg: run_reporting_errors(stage, cfg))()

@@ -1,0 +1,247 @@
+"""The download stage: get the dataset archive onto disk, check it, unpack it safely.
+
+A download is written to `<name>.part` and renamed only when complete, so a cut
+transfer is resumed by the next run instead of being mistaken for the archive.
+Every archive member is checked before anything is extracted, and the unpacked
+folder replaces the old one in one rename (esclab.atomic), so the split stage only
+ever sees a complete dataset or none.
+"""
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+import stat
+import time
+import zipfile
+import zlib
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit
+
+import requests
+from tqdm import tqdm
+
+from esclab.atomic import atomic_dir
+from esclab.errors import EsclabError
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 16  # bytes per network read: at most this much is lost when a connection drops
+HASH_BLOCK = 1 << 20
+OFFLINE = "pass dataset.archive=/path/to/local.zip (or dataset.source_dir=/path/to/ESC-50-master)"
+RETRYABLE = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
+
+
+class _ServerError(Exception):
+    """A 5xx answer: the server's trouble, worth another attempt."""
+
+
+class _Restart(Exception):
+    """The server cannot continue the .part file: start the transfer over."""
+
+
+def fetch(url: str, dest: Path, *, retries: int = 5, backoff_s: float = 1.0, timeout_s: float = 60.0) -> Path:
+    """Download `url` to `dest`, resuming after drops, so a flaky link costs a retry, not the whole transfer.
+
+    `retries` further attempts follow the first, waiting backoff_s, 2*backoff_s, ...
+    `timeout_s` is how long a silent connection is given before it counts as dead.
+    """
+    part = dest.with_suffix(dest.suffix + ".part")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    failures = 0
+    restarted = False
+    while True:
+        try:
+            _transfer(url, part, timeout_s)
+            break
+        except _Restart:
+            if restarted:
+                raise EsclabError(f"{url} cannot resume the transfer into {part} even after restarting it: "
+                                  f"delete {part} and rerun, or {OFFLINE}") from None
+            log.warning("%s could not continue %s; starting the transfer over", url, part)
+            part.unlink(missing_ok=True)
+            restarted = True
+        except (*RETRYABLE, _ServerError) as err:
+            reason = _reason(err)
+            if failures == retries:
+                raise EsclabError(f"could not download {url} ({failures + 1} attempt(s), last error: {reason}): "
+                                  f"check the network connection, or {OFFLINE}") from err
+            delay = backoff_s * 2**failures
+            failures += 1
+            log.warning("%s: %s; retry %d/%d in %g s", url, reason, failures, retries, delay)
+            time.sleep(delay)
+    os.replace(part, dest)
+    return dest
+
+
+def _reason(err: BaseException) -> str:
+    """The root cause ('[Errno 111] Connection refused'), not requests' nested wrappers, on one line."""
+    while (inner := err.__cause__ or err.__context__) is not None:
+        err = inner
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _transfer(url: str, part: Path, timeout_s: float) -> None:
+    """One attempt: continue `part` from its current size (or start it) until the server is done."""
+    offset = part.stat().st_size if part.exists() else 0
+    # identity: byte offsets must count the file's bytes, not a compressed stream's
+    headers = {"Accept-Encoding": "identity"} | ({"Range": f"bytes={offset}-"} if offset else {})
+    with requests.get(url, headers=headers, stream=True, timeout=timeout_s) as response:
+        status = response.status_code
+        if status == 416:
+            raise _Restart
+        if status >= 500:
+            raise _ServerError(f"HTTP {status} {response.reason}")
+        if status not in (200, 206):
+            raise EsclabError(f"{url} answered HTTP {status} {response.reason} (not retried): "
+                              f"check dataset.url, or {OFFLINE}")
+        if status == 200:
+            offset = 0  # the server ignored the Range header and sends the whole file
+        elif not response.headers.get("Content-Range", "").startswith(f"bytes {offset}-"):
+            raise _Restart
+        length = response.headers.get("Content-Length")
+        if length is not None:
+            _check_space(part.parent, int(length), f"downloading {url}")
+        total = offset + int(length) if length is not None else None
+        with (part.open("ab" if offset else "wb") as out,
+              tqdm(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
+                   desc=part.name.removesuffix(".part")) as bar):
+            for chunk in response.iter_content(CHUNK):
+                out.write(chunk)
+                bar.update(len(chunk))
+
+
+def _check_space(folder: Path, needed: int, what: str) -> None:
+    """Refuse up front rather than fill the disk and fail half-way."""
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise EsclabError(f"not enough disk space in {folder} for {what}: {needed} bytes needed, {free} free; "
+                          "free some space or move the data folder to a bigger disk")
+
+
+def verify(path: Path, *, sha256: str | None, size: int | None) -> str:
+    """Check `path` against the pinned size and sha256, so a changed or damaged archive is never used.
+
+    Returns the actual sha256. Unpinned values are only logged, with how to pin them.
+    """
+    actual_size = path.stat().st_size
+    fix = f"if {path} is a damaged download, delete it and rerun `dvc repro download`"
+    if size is not None and actual_size != size:
+        raise EsclabError(f"size mismatch for {path}: expected {size} bytes (dataset.size), got {actual_size}; "
+                          f"{fix}; if you trust this archive, set dataset.size={actual_size}")
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(HASH_BLOCK), b""):
+            digest.update(block)
+    actual = digest.hexdigest()
+    if sha256 is not None and actual != sha256.strip().lower():
+        raise EsclabError(f"sha256 mismatch for {path}: expected {sha256} (dataset.sha256), got {actual}; "
+                          f"{fix}; if you trust this archive, set dataset.sha256={actual}")
+    if sha256 is None or size is None:
+        log.warning("%s is not pinned: %d bytes, sha256 %s; to refuse any other archive later, set "
+                    "dataset.size=%d dataset.sha256=%s", path, actual_size, actual, actual_size, actual)
+    else:
+        log.info("%s matches dataset.size and dataset.sha256", path)
+    return actual
+
+
+def _check_member(archive: Path, member: zipfile.ZipInfo) -> None:
+    """Refuse a member that would land outside the target folder or be a link."""
+    name = member.filename
+    parts = re.split(r"[/\\]", name)
+    if name.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", name):
+        problem = "an absolute path"
+    elif ".." in parts:
+        problem = "a '..' component"
+    elif stat.S_ISLNK(member.external_attr >> 16):
+        problem = "a symbolic link"
+    else:
+        return
+    raise EsclabError(f"{archive} member {name!r} is {problem}; refusing to unpack anything from it: "
+                      f"use an untampered copy of the archive")
+
+
+def _top_folder(names: list[str]) -> str:
+    """'ESC-50-master/' when every member lies inside that one folder (GitHub's layout), else ''."""
+    tops = {name.split("/", 1)[0] for name in names}
+    if len(tops) == 1 and all("/" in name for name in names):
+        return f"{tops.pop()}/"
+    return ""
+
+
+def unpack(archive: Path, dest: Path) -> Path:
+    """Unpack the zip `archive` so that `dest` holds its contents (audio/, meta/), all or nothing.
+
+    Every member is checked before the first byte is written; a single top-level
+    folder is dropped, so dest/audio exists whether or not the archive wraps it.
+    """
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            members = zf.infolist()
+            for member in members:
+                _check_member(archive, member)
+            prefix = _top_folder([m.filename for m in members])
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            _check_space(dest.parent, sum(m.file_size for m in members), f"unpacking {archive}")
+            with atomic_dir(dest) as tmp:
+                for member in members:
+                    target = tmp / member.filename.removeprefix(prefix)
+                    if member.is_dir():
+                        target.mkdir(parents=True, exist_ok=True)
+                        continue
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with zf.open(member) as src, target.open("wb") as out:
+                        shutil.copyfileobj(src, out, HASH_BLOCK)
+    except (zipfile.BadZipFile, EOFError, zlib.error) as err:
+        raise EsclabError(f"{archive} is not a valid zip archive (truncated or corrupt? {err}): "
+                          "delete it and rerun, or point dataset.archive at a good copy") from err
+    log.info("unpacked %s into %s", archive, dest)
+    return dest
+
+
+def copy_tree(source: Path, dest: Path) -> Path:
+    """Copy an already-unpacked dataset folder to `dest`, all or nothing, refusing links that leave it."""
+    if not source.is_dir():
+        raise EsclabError(f"{source} is not a folder (dataset.source_dir): point it at an unpacked "
+                          "ESC-50-master/ holding audio/ and meta/")
+    root = source.resolve()
+    for folder, dirnames, filenames in os.walk(source):
+        for link in (Path(folder, name) for name in dirnames + filenames):
+            if link.is_symlink() and not (link.resolve().is_relative_to(root) and link.exists()):
+                raise EsclabError(f"{link} is a symbolic link to {os.readlink(link)}, outside {source} or missing "
+                                  "(dataset.source_dir): replace it with the real file")
+    with atomic_dir(dest) as tmp:
+        shutil.copytree(source, tmp, dirs_exist_ok=True)
+    log.info("copied %s into %s", source, dest)
+    return dest
+
+
+def prepare_raw(dest: Path, *, downloads: Path, url: str | None = None, archive: str | Path | None = None,
+                source_dir: str | Path | None = None, sha256: str | None = None, size: int | None = None,
+                retries: int = 5, backoff_s: float = 1.0, timeout_s: float = 60.0) -> Path:
+    """The download stage: make `dest` the unpacked dataset from source_dir, else archive, else url.
+
+    A fetched archive is kept in `downloads` and reused while it verifies; one that
+    no longer verifies is reported, never deleted, since it may be the user's own.
+    """
+    if source_dir:
+        return copy_tree(Path(source_dir), dest)
+    if archive:
+        path = Path(archive)
+        if not path.is_file():
+            raise EsclabError(f"{path} does not exist (dataset.archive): fix the path, "
+                              "or set dataset.archive=null to download dataset.url")
+    elif url:
+        name = PurePosixPath(urlsplit(url).path).name
+        if not name:
+            raise EsclabError(f"dataset.url={url} does not end in a file name: give the archive's URL")
+        path = downloads / name
+        if path.exists():
+            log.info("using %s, downloaded earlier (delete it to download again)", path)
+        else:
+            fetch(url, path, retries=retries, backoff_s=backoff_s, timeout_s=timeout_s)
+    else:
+        raise EsclabError("no dataset given: set one of dataset.url, dataset.archive or dataset.source_dir")
+    verify(path, sha256=sha256, size=size)
+    return unpack(path, dest)

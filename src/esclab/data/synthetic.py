@@ -1,0 +1,194 @@
+"""A small ESC-50 look-alike, made offline, byte for byte the same for the same settings.
+
+Tests and `make demo` need a dataset without the network and within seconds. Writing
+it in ESC-50's exact layout (ESC-50-master/audio/*.wav, meta/esc50.csv) lets the real
+download, split and features code run on it unchanged, so a pass here means something.
+Each class is a fixed recipe (a tone at its own pitch, harmonics, a sweep, amplitude
+modulation, band noise, clicks) that every clip varies (detune, onset, length, gain,
+background noise, digital silence, clipping): learnable by a small CNN, not a constant.
+"""
+
+import io
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from esclab.atomic import atomic_dir, atomic_file
+from esclab.errors import EsclabError
+
+CATEGORIES: tuple[str, ...] = (
+    "dog", "rooster", "pig", "cow", "frog", "cat", "hen", "insects", "sheep", "crow", "rain", "sea_waves",
+    "crackling_fire", "crickets", "chirping_birds", "water_drops", "wind", "pouring_water", "toilet_flush",
+    "thunderstorm", "crying_baby", "sneezing", "clapping", "breathing", "coughing", "footsteps", "laughing",
+    "brushing_teeth", "snoring", "drinking_sipping", "door_wood_knock", "mouse_click", "keyboard_typing",
+    "door_wood_creaks", "can_opening", "washing_machine", "vacuum_cleaner", "clock_alarm", "clock_tick",
+    "glass_breaking", "helicopter", "chainsaw", "siren", "car_horn", "engine", "train", "church_bells",
+    "airplane", "fireworks", "hand_saw",
+)  # index = ESC-50's target number
+ESC10: frozenset[str] = frozenset({"dog", "rooster", "rain", "sea_waves", "crackling_fire", "crying_baby",
+                                   "sneezing", "clock_tick", "helicopter", "chainsaw"})
+TOP = "ESC-50-master"
+META_HEADER = "filename,fold,target,category,esc10,src_file,take"
+ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest a zip can say: no trace of when it was written
+
+
+@dataclass(frozen=True)
+class _Clip:
+    """One WAV's place in ESC-50's naming, plus what its source recording shares across takes."""
+
+    fold: int
+    src_file: int
+    take: str
+    target: int
+    detune: float  # pitch factor: takes of one recording sound alike, as real ones do
+    snr_db: float  # event over background noise
+    tint: float  # background spectral slope: 0 white, 1 pink, 2 brown
+
+    @property
+    def filename(self) -> str:
+        return f"{self.fold}-{self.src_file}-{self.take}-{self.target}.wav"
+
+
+def _check(*, n_classes: int, clips_per_class: int, duration: float, sample_rate: int, n_folds: int) -> None:
+    """Refuse settings that cannot make an ESC-50-shaped dataset, naming the setting to change."""
+    s = "dataset.synthetic"
+    if not 1 <= n_classes <= len(CATEGORIES):
+        raise EsclabError(f"{s}.n_classes must be between 1 and 50, got {n_classes}; ESC-50 has 50 class names to reuse")
+    if n_folds < 1:
+        raise EsclabError(f"{s}.n_folds must be at least 1, got {n_folds}; ESC-50 uses 5")
+    if clips_per_class < n_folds:
+        raise EsclabError(f"{s}.clips_per_class must be at least n_folds ({n_folds}) so every class is in every fold, got {clips_per_class}; raise it")
+    if not duration > 0:
+        raise EsclabError(f"{s}.duration must be positive seconds, got {duration}; ESC-50 uses 5.0")
+    if sample_rate < 8000:
+        raise EsclabError(f"{s}.sample_rate must be at least 8000 Hz, got {sample_rate}; ESC-50 uses 44100")
+
+
+def _layout(rng: np.random.Generator, *, n_classes: int, clips_per_class: int, n_folds: int) -> list[_Clip]:
+    """Every class in every fold, each recording's 1-3 takes in one fold so no fold split can leak."""
+    recordings = []  # (target, fold, n_takes)
+    for target in range(n_classes):
+        per_fold = np.full(n_folds, clips_per_class // n_folds)
+        per_fold[(target + np.arange(clips_per_class % n_folds)) % n_folds] += 1  # rotate the remainder
+        for fold, left in enumerate(per_fold.tolist(), start=1):
+            while left:
+                takes = min(left, int(rng.integers(1, 4)))
+                recordings.append((target, fold, takes))
+                left -= takes
+    ids = rng.choice(900_000, size=len(recordings), replace=False) + 100_000  # six digits, like Freesound's
+    clips = []
+    for (target, fold, takes), src in zip(recordings, ids.tolist()):
+        shared = dict(detune=rng.uniform(0.97, 1.03), snr_db=rng.uniform(10, 30), tint=rng.uniform(0.5, 1.5))
+        clips += [_Clip(fold, src, "ABC"[i], target, **shared) for i in range(takes)]
+    return sorted(clips, key=lambda c: c.filename)
+
+
+def _noise(rng: np.random.Generator, magnitude: np.ndarray, n: int) -> np.ndarray:
+    """Unit-RMS noise with this magnitude spectrum: random phases and one inverse FFT (no forward one)."""
+    phase = rng.random(magnitude.size, dtype=np.float32) * (2 * np.pi)
+    spectrum = np.empty(magnitude.size, np.complex64)
+    spectrum.real, spectrum.imag = magnitude * np.cos(phase), magnitude * np.sin(phase)
+    noise = np.fft.irfft(spectrum, n=n)
+    return noise / max(float(noise.std()), 1e-12)
+
+
+def _render(clip: _Clip, rng: np.random.Generator, n: int, sr: int) -> np.ndarray:
+    """One clip as int16, computed in float32 for speed.
+
+    Mixed-radix digits of the target pick the recipe, so classes share some ingredients
+    but never all: (pitch, sweep) alone already differs between any two classes.
+    """
+    k = clip.target
+    pitch = np.geomspace(150, min(3000, 0.15 * sr), 25)[7 * k % 25] * clip.detune
+    sweep = (0, 1, -1)[k % 3]  # octaves over the event: steady, up, down
+    harmonics = np.arange(1, 1 + (1, 2, 4, 8)[k // 3 % 4], dtype=np.float32)
+    am_hz = (0, 3, 7, 13)[k // 2 % 4]
+    band = np.geomspace(300, 0.3 * sr, 8)[(3 * k + 1) % 8] * np.array([0.7, 1.4])  # an octave of noise
+    noise_level = (0.2, 0.5, 1.0)[k // 4 % 3]
+    clicks_hz = (0, 0, 3, 9)[k // 7 % 4]
+
+    length = max(1, round(n * rng.uniform(0.4, 1.0)))
+    padded = rng.random() < 0.2  # ESC-50 pads short sounds with digital silence
+    onset = 0 if padded else int(rng.integers(0, n - length + 1))
+    t = np.arange(length, dtype=np.float64)
+    rate = sweep * np.log(2) / length  # exponential sweep, its phase integrated in closed form
+    cycles = pitch / sr * (np.expm1(rate * t) / rate if sweep else t)
+    phase = (2 * np.pi * (cycles - np.floor(cycles))).astype(np.float32)  # wrap in float64: float32 is then exact enough
+    i = t.astype(np.float32)
+    h = harmonics[pitch * harmonics * 2.0 ** max(sweep, 0) < 0.45 * sr][:, None]  # none above Nyquist
+    tone = (np.sin(h * phase + rng.random(h.shape, dtype=np.float32) * (2 * np.pi)) / h).sum(0)
+    env = np.minimum(1, np.minimum(i + 1, length - i) / (0.01 * sr))  # 10 ms fades, no step clicks
+    if am_hz:
+        env *= 1 - 0.4 * (1 + np.sin(2 * np.pi * am_hz / sr * i + rng.uniform(0, 2 * np.pi)))
+    event = env * tone
+    freqs = np.fft.rfftfreq(n, 1 / sr).astype(np.float32)
+    in_band = ((freqs > band[0]) & (freqs < band[1])).astype(np.float32)
+    event += noise_level * env * _noise(rng, in_band, n)[:length]
+    if clicks_hz:
+        size = round(0.01 * sr)
+        burst = np.exp(-np.arange(size) / (0.002 * sr)) * rng.standard_normal(size)
+        at = rng.integers(0, length, rng.poisson(clicks_hz * length / sr))[:, None] + np.arange(size)
+        inside = at < length
+        np.add.at(event, at[inside], (rng.uniform(0.5, 2, (len(at), 1)) * burst)[inside].astype(np.float32))
+
+    level = np.sqrt(np.mean(event**2)) / 10 ** (clip.snr_db / 20)
+    audio = level * _noise(rng, np.maximum(freqs, 20) ** np.float32(-clip.tint / 2), n)
+    audio[onset:onset + length] += event
+    if padded:
+        audio[onset + length:] = 0
+    clipped = rng.random() < 0.03  # a few field recordings overload the recorder
+    gain_db = rng.uniform(3, 12) if clipped else rng.uniform(-20, -3)  # peak level, dBFS
+    audio *= 10 ** (gain_db / 20) / max(float(np.abs(audio).max()), 1e-12)
+    return np.round(np.clip(audio, -1, 1) * 32767).astype(np.int16)
+
+
+def _members(*, n_classes: int, clips_per_class: int, duration: float, sample_rate: int, seed: int,
+             n_folds: int) -> Iterator[tuple[str, bytes | None]]:
+    """(path under ESC-50-master/, bytes or None for a folder), in sorted path order."""
+    _check(n_classes=n_classes, clips_per_class=clips_per_class, duration=duration, sample_rate=sample_rate, n_folds=n_folds)
+    rng = np.random.default_rng(seed)
+    clips = _layout(rng, n_classes=n_classes, clips_per_class=clips_per_class, n_folds=n_folds)
+    n = max(1, round(duration * sample_rate))
+    yield "", None
+    yield "audio/", None
+    for clip in clips:
+        buffer = io.BytesIO()
+        sf.write(buffer, _render(clip, rng, n, sample_rate), sample_rate, format="WAV", subtype="PCM_16")
+        yield f"audio/{clip.filename}", buffer.getvalue()
+    rows = [f"{c.filename},{c.fold},{c.target},{CATEGORIES[c.target]},{CATEGORIES[c.target] in ESC10},{c.src_file},{c.take}"
+            for c in clips]
+    yield "meta/", None
+    yield "meta/esc50.csv", "\n".join([META_HEADER, *rows, ""]).encode()
+
+
+def write_tree(root: Path, *, n_classes: int = 50, clips_per_class: int = 10, duration: float = 5.0,
+               sample_rate: int = 44100, seed: int = 0, n_folds: int = 5) -> Path:
+    """Write the unpacked dataset, as if the archive had been extracted into `root`, for tests."""
+    with atomic_dir(Path(root) / TOP) as tmp:
+        for rel, data in _members(n_classes=n_classes, clips_per_class=clips_per_class, duration=duration,
+                                  sample_rate=sample_rate, seed=seed, n_folds=n_folds):
+            if data is None:
+                (tmp / rel).mkdir(exist_ok=True)
+            else:
+                (tmp / rel).write_bytes(data)
+    return Path(root) / TOP
+
+
+def write_archive(path: Path, *, n_classes: int = 50, clips_per_class: int = 10, duration: float = 5.0,
+                  sample_rate: int = 44100, seed: int = 0, n_folds: int = 5) -> Path:
+    """Write a zip shaped like GitHub's ESC-50 master.zip, so the download stage's archive path is exercised."""
+    path = Path(path)
+    members = _members(n_classes=n_classes, clips_per_class=clips_per_class, duration=duration,
+                       sample_rate=sample_rate, seed=seed, n_folds=n_folds)
+    # ZIP_STORED: noisy PCM barely deflates (a few %) and deflating ~200 MB would cost seconds.
+    with atomic_file(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as archive:
+        for rel, data in members:
+            info = zipfile.ZipInfo(f"{TOP}/{rel}", date_time=ZIP_TIME)
+            info.create_system = 3  # Unix, wherever it runs, so the bytes match across machines
+            info.external_attr = (0o40755 << 16) | 0x10 if data is None else 0o100644 << 16
+            archive.writestr(info, data or b"")
+    return path

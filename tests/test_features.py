@@ -1,0 +1,113 @@
+"""The features stage: one float16 array in split order that matches librosa's log-mel."""
+
+import json
+
+import librosa
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+
+from esclab.data.features import LogMelSettings, load_clip, write_features
+from esclab.data.split import write_split
+from esclab.errors import EsclabError
+
+SETTINGS = LogMelSettings(sample_rate=16000, duration=1.0, n_fft=512, hop_length=128, n_mels=32)
+# float16 keeps ~3 significant digits: 0.03 dB steps below 64 dB, 0.06 dB below 128 dB.
+# The rest of the tolerance covers float32 FFT differences between torch and numpy.
+TOLERANCE_DB = 0.1
+
+
+@pytest.fixture
+def split_csv(raw, tmp_path):
+    out = tmp_path / "split.csv"
+    write_split(raw, out, n_classes=5, n_folds=5, esc10_only=False)
+    return out
+
+
+def build(split_csv, out_dir, settings=SETTINGS, **kwargs):
+    kwargs.setdefault("num_workers", 0)
+    write_features(split_csv, out_dir, settings, device="cpu", **kwargs)
+    return np.load(out_dir / "logmel.npy", mmap_mode="r")
+
+
+def librosa_logmel(path, s: LogMelSettings):
+    y, sr = librosa.load(path, sr=s.sample_rate, mono=True, duration=s.duration)
+    y = np.pad(y, (0, s.n_samples - len(y)))
+    power = librosa.feature.melspectrogram(y=y, sr=sr, n_fft=s.n_fft, hop_length=s.hop_length, n_mels=s.n_mels,
+                                           fmin=s.f_min, fmax=s.f_max, center=True, pad_mode="constant", power=2.0)
+    return librosa.power_to_db(power, ref=1.0, amin=1e-10, top_db=s.top_db)
+
+
+def test_array_shape_dtype_index_and_settings(split_csv, tmp_path):
+    array = build(split_csv, tmp_path / "features")
+    table = pd.read_csv(split_csv)
+    assert array.dtype == np.float16
+    assert array.shape == (len(table), 32, 1 + 16000 // 128)
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "features" / "index.csv"), table)
+    meta = json.loads((tmp_path / "features" / "features.json").read_text())
+    assert meta["settings"]["n_mels"] == 32 and meta["shape"] == list(array.shape)
+
+
+def test_every_row_matches_librosa_for_its_own_clip(split_csv, tmp_path):
+    # Row i must be clip i of the split table (order) and equal librosa's log-mel (values).
+    array = build(split_csv, tmp_path / "features", num_workers=2)
+    paths = pd.read_csv(split_csv)["path"]
+    for i in (0, 7, len(paths) - 1):
+        expected = librosa_logmel(paths[i], SETTINGS)
+        assert np.abs(array[i].astype(np.float32) - expected).max() < TOLERANCE_DB
+    assert np.abs(array[0].astype(np.float32) - librosa_logmel(paths[1], SETTINGS)).max() > 1.0
+
+
+def test_batch_size_does_not_change_a_byte(split_csv, tmp_path):
+    one = np.asarray(build(split_csv, tmp_path / "a", batch_size=1))
+    many = np.asarray(build(split_csv, tmp_path / "b", batch_size=7))
+    assert one.tobytes() == many.tobytes()
+
+
+def test_per_clip_normalisation(split_csv, tmp_path):
+    settings = LogMelSettings(**{**SETTINGS.__dict__, "normalize": "per_clip"})
+    array = build(split_csv, tmp_path / "features", settings).astype(np.float32)
+    assert np.allclose(array.mean(axis=(1, 2)), 0, atol=0.01)
+    assert np.allclose(array.std(axis=(1, 2)), 1, atol=0.01)
+
+
+def test_stereo_48k_8bit_is_mixed_resampled_and_converted(tmp_path):
+    t = np.arange(48000) / 48000
+    left, right = 0.5 * np.sin(2 * np.pi * 440 * t), 0.5 * np.sin(2 * np.pi * 880 * t)
+    sf.write(tmp_path / "odd.wav", np.stack([left, right], axis=1), 48000, subtype="PCM_U8")
+    clip = load_clip(tmp_path / "odd.wav", sample_rate=16000, n_samples=16000)
+    spectrum = np.abs(np.fft.rfft(clip))
+    assert clip.dtype == np.float32 and clip.shape == (16000,)
+    assert {round(f) for f in np.argsort(spectrum)[-2:]} == {440, 880}  # 1 Hz bins: both channels kept
+
+
+def test_short_clip_is_zero_padded_and_long_clip_trimmed(tmp_path):
+    sf.write(tmp_path / "short.wav", np.full(4000, 0.25), 16000)
+    sf.write(tmp_path / "long.wav", np.full(40000, 0.25), 16000)
+    short = load_clip(tmp_path / "short.wav", sample_rate=16000, n_samples=16000)
+    long = load_clip(tmp_path / "long.wav", sample_rate=16000, n_samples=16000)
+    assert np.allclose(short[:4000], 0.25) and not short[4000:].any()
+    assert long.shape == (16000,) and np.allclose(long, 0.25)
+
+
+@pytest.mark.parametrize("content", [b"", b"this is not audio at all" * 10])
+def test_undecodable_file_is_named(tmp_path, content):
+    (tmp_path / "bad.wav").write_bytes(content)
+    with pytest.raises(EsclabError, match="bad.wav"):
+        load_clip(tmp_path / "bad.wav", sample_rate=16000, n_samples=16000)
+
+
+def test_failed_build_leaves_no_output(split_csv, tmp_path):
+    table = pd.read_csv(split_csv)
+    with open(table["path"][3], "r+b") as f:
+        f.truncate(20)  # a WAV cut inside its header
+    with pytest.raises(EsclabError, match=table["filename"][3]):
+        build(split_csv, tmp_path / "features")
+    assert list(tmp_path.glob("*features*")) == []
+
+
+@pytest.mark.parametrize("key", ["n_mels", "hop_length"])
+def test_non_positive_setting_is_refused(key):
+    with pytest.raises(EsclabError, match=f"features.{key} must be a positive integer, got 0"):
+        LogMelSettings(**{key: 0})
