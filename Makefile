@@ -4,8 +4,8 @@ VENV   := .venv
 BIN    := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
 
-# The demo: ESC-50's exact layout, made up on the spot (conf/dataset/synthetic.yaml).
-DEMO_OVERRIDES := dataset=synthetic
+# The demo: a small synthetic ESC-50 (conf/experiment/demo.yaml).
+DEMO_OVERRIDES := experiment=demo
 # Extra overrides for repro/demo/params, e.g. make repro ARGS="dataset.archive=/path/to/ESC-50-master.zip"
 ARGS ?=
 
@@ -37,6 +37,7 @@ test: setup
 params: setup
 	python -m esclab.params $(ARGS)
 
-## bench: speed and memory of the features stage (prints, writes reports/bench/*.json)
+## bench: features-stage and training-step throughput (prints, writes reports/bench/*.json)
 bench: setup
 	python bench/features.py
+	python bench/train_step.py

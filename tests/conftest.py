@@ -22,3 +22,37 @@ def tiny_tree(tmp_path_factory) -> Path:
 def raw(tiny_tree, tmp_path) -> Path:
     """A private copy of the tiny dataset that a test may break."""
     return Path(shutil.copytree(tiny_tree, tmp_path / "raw"))
+
+# The tiny dataset's features: 32 mel bands x 126 frames keep cnn4 quick on a CPU.
+TINY_FEATURES = dict(sample_rate=16000, duration=1.0, n_fft=512, hop_length=128, n_mels=32)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tiny_tree, tmp_path_factory) -> dict[str, Path]:
+    """The tiny dataset taken through split and features: the paths.* a training run reads."""
+    from esclab.data.features import LogMelSettings, write_features
+    from esclab.data.split import write_split
+
+    root = tmp_path_factory.mktemp("tiny_data")
+    split = root / "split.csv"
+    write_split(tiny_tree, split, n_classes=TINY["n_classes"], n_folds=5, esc10_only=False)
+    features = write_features(split, root / "features", LogMelSettings(**TINY_FEATURES), device="cpu", num_workers=0)
+    return {"raw": tiny_tree, "split": split, "features": features}
+
+
+def compose_config(*overrides: str):
+    """conf/ composed as `python train.py` would, with overrides."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def tiny_overrides(data: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    """Overrides that point a run at the tiny data, write under `out` and train briefly."""
+    features = [f"features.{k}={v}" for k, v in TINY_FEATURES.items()]
+    paths = [f"paths.{k}={v}" for k, v in data.items()] + [f"paths.models={out / 'models'}",
+                                                           f"paths.reports={out / 'reports'}"]
+    return ["dataset=synthetic", f"dataset.synthetic.n_classes={TINY['n_classes']}", *features, *paths,
+            "trainer.max_epochs=2", "trainer.enable_progress_bar=false", "train.batch_size=8", "lr=1e-3",
+            f"tracking.uri=sqlite:///{out / 'mlflow.db'}", *extra]

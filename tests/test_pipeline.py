@@ -1,6 +1,7 @@
-"""`dvc repro` of download -> split -> features in a temporary git+DVC repo, the archive served over HTTP."""
+"""Real `dvc repro` and `dvc exp run` in temporary git+DVC repos: data stages over HTTP, then the whole pipeline."""
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -10,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REPO, TINY
+import yaml
+from conftest import REPO, TINY, TINY_FEATURES
 from http_server import ArchiveServer
 
 from esclab.data.synthetic import write_archive
@@ -29,7 +31,7 @@ def run(repo: Path, *cmd: str) -> subprocess.CompletedProcess:
 def git_dvc_repo(path: Path) -> Path:
     """A fresh git+DVC repo holding esclab's pipeline definition and the code its stages depend on."""
     path.mkdir()
-    for name in ("dvc.yaml", "conf", "src"):
+    for name in ("dvc.yaml", "conf", "src", "train.py", ".gitignore"):
         source = REPO / name
         (shutil.copytree if source.is_dir() else shutil.copy)(source, path / name)
     for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"],
@@ -39,7 +41,7 @@ def git_dvc_repo(path: Path) -> Path:
 
 
 def write_params(repo: Path, *overrides: str) -> None:
-    (repo / "params.yaml").write_text(compose(REPO / "conf", list(overrides)))
+    (repo / "params.yaml").write_text(compose(repo / "conf", list(overrides)))
 
 
 @pytest.fixture
@@ -56,13 +58,13 @@ def dataset_overrides(server, archive, sha256=None):
             f"dataset.size={archive.stat().st_size}", *synthetic]
 
 
-def test_repro_resumes_a_cut_transfer_then_reruns_only_what_changed(served, tmp_path):
+def test_data_stages_resume_a_cut_transfer_then_rerun_only_what_changed(served, tmp_path):
     server, archive = served
     repo = git_dvc_repo(tmp_path / "repo")
     write_params(repo, *dataset_overrides(server, archive), *SMALL_FEATURES)
     server.drop_after(archive.stat().st_size // 2)
 
-    first = run(repo, "dvc", "repro")
+    first = run(repo, "dvc", "repro", "features")
     assert first.returncode == 0, first.stdout + first.stderr
     ranges = [r for r in server.requests if r[1]]
     assert ranges and ranges[0][1] != "bytes=0-", server.requests  # resumed mid-file, not restarted
@@ -73,11 +75,11 @@ def test_repro_resumes_a_cut_transfer_then_reruns_only_what_changed(served, tmp_
     features = np.load(repo / "data/features/synthetic/logmel.npy", mmap_mode="r")
     assert features.shape == (25, 32, 126) and features.dtype == np.float16
 
-    again = run(repo, "dvc", "repro")
+    again = run(repo, "dvc", "repro", "features")
     assert again.returncode == 0 and "Running stage" not in again.stdout, again.stdout
 
     write_params(repo, *dataset_overrides(server, archive), *SMALL_FEATURES, "features.n_mels=16")
-    changed = run(repo, "dvc", "repro")
+    changed = run(repo, "dvc", "repro", "features")
     assert changed.returncode == 0, changed.stdout + changed.stderr
     assert "Running stage 'features'" in changed.stdout
     assert "Running stage 'download'" not in changed.stdout and "Running stage 'split'" not in changed.stdout
@@ -89,9 +91,64 @@ def test_repro_refuses_a_checksum_mismatch_and_unpacks_nothing(served, tmp_path)
     repo = git_dvc_repo(tmp_path / "repo")
     wrong = "0" * 64
     write_params(repo, *dataset_overrides(server, archive, sha256=wrong), *SMALL_FEATURES)
-    result = run(repo, "dvc", "repro")
+    result = run(repo, "dvc", "repro", "features")
     actual = hashlib.sha256(archive.read_bytes()).hexdigest()
     assert result.returncode != 0
     assert wrong in result.stderr and actual in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
     assert not (repo / "data/raw/synthetic").exists()
+
+
+# A recipe inside the repo's conf/, so `dvc exp run -S ...` (which recomposes conf/) keeps the tiny sizes.
+TINY_EXPERIMENT = {
+    "defaults": [{"override /dataset": "synthetic"}],
+    "dataset": {"synthetic": {k: v for k, v in TINY.items() if k != "seed"}},
+    "features": {**TINY_FEATURES, "num_workers": 1},
+    "trainer": {"max_epochs": 1, "enable_progress_bar": False},
+    "train": {"batch_size": 8},
+    "lr": 1e-3,
+    "tracking": {"log_model": False},  # model logging has its own test (test_tracking.py); it costs ~10 s a fold
+}
+
+
+@pytest.mark.slow
+def test_whole_pipeline_then_an_experiment_that_changes_lr(tmp_path):
+    repo = git_dvc_repo(tmp_path / "repo")
+    (repo / "conf/experiment/tiny.yaml").write_text("# @package _global_\n" + yaml.safe_dump(TINY_EXPERIMENT))
+    write_params(repo, "experiment=tiny")
+
+    first = run(repo, "dvc", "repro")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    metrics = json.loads((repo / "reports/metrics.json").read_text())
+    assert {"accuracy_mean", "accuracy_std", "fold_accuracy", "macro_f1", "macro_roc_auc", "top5_accuracy"} <= set(metrics)
+    assert len(metrics["fold_accuracy"]) == 5
+    assert (repo / "reports/per_class.csv").exists() and (repo / "reports/plots/confusion.png").exists()
+    for k in range(1, 6):
+        assert (repo / f"models/fold_{k}.ckpt").exists() and (repo / f"reports/folds/{k}/predictions.csv").exists()
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("esclab").experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and len(runs) == 6
+    assert parents[0].data.metrics["accuracy_mean"] == pytest.approx(metrics["accuracy_mean"])
+    lock = (repo / "dvc.lock").read_text()
+    for child in (r for r in runs if r is not parents[0]):
+        for name in ("raw", "split", "features"):
+            assert child.data.tags[f"data.{name}.md5"] in lock
+
+    again = run(repo, "dvc", "repro")
+    assert again.returncode == 0 and "Running stage" not in again.stdout, again.stdout
+
+    assert run(repo, "git", "add", "-A").returncode == 0
+    commit = run(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline")
+    assert commit.returncode == 0, commit.stderr
+    experiment = run(repo, "dvc", "exp", "run", "-S", "experiment=tiny", "-S", "lr=0.0003")
+    assert experiment.returncode == 0, experiment.stdout[-3000:] + experiment.stderr[-3000:]
+    ran = {line.split("'")[1] for line in experiment.stdout.splitlines() if line.startswith("Running stage")}
+    assert ran == {f"train@{k}" for k in range(1, 6)} | {"evaluate"}, experiment.stdout
+    diff = json.loads(run(repo, "dvc", "params", "diff", "--json").stdout)["params.yaml"]
+    assert (diff["lr"]["old"], diff["lr"]["new"]) == (0.001, 0.0003)
+    shown = run(repo, "dvc", "exp", "list", "--name-only")
+    assert shown.returncode == 0 and shown.stdout.strip(), shown.stdout + shown.stderr

@@ -49,7 +49,13 @@ def features(cfg: DictConfig) -> None:
                    batch_size=f.batch_size, num_workers=f.num_workers)
 
 
-STAGES = {"download": download, "split": split, "features": features}
+def evaluate(cfg: DictConfig) -> None:
+    from esclab.training.run import evaluate as pool_folds
+
+    pool_folds(cfg)
+
+
+STAGES = {"download": download, "split": split, "features": features, "evaluate": evaluate}
 
 
 def run_reporting_errors(fn, cfg: DictConfig) -> None:

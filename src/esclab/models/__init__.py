@@ -1,0 +1,26 @@
+"""The networks a config can name, by the key `model.name`.
+
+Training builds its network only through `build_model`, so a new architecture
+needs no change to the training code. To add one:
+
+1. write it in one file here, `src/esclab/models/<name>.py`, as an `nn.Module`
+   whose constructor takes keyword-only `n_classes`, `input_shape` and its
+   layer sizes as plain typed arguments with defaults;
+2. add one line to `MODELS` below: `"<name>": ClassName`;
+3. add `conf/model/<name>.yaml` with `name: <name>` and every other key a
+   constructor argument; select it with `model=<name>`.
+"""
+
+from torch import nn
+
+from esclab.errors import EsclabError
+from esclab.models.cnn4 import CNN4
+
+MODELS: dict[str, type[nn.Module]] = {"cnn4": CNN4}
+
+
+def build_model(name: str, *, n_classes: int, input_shape: tuple[int, int], **layers) -> nn.Module:
+    """The network registered as `name`, for `n_classes` and inputs of (n_mels, n_frames) `input_shape`."""
+    if name not in MODELS:
+        raise EsclabError(f"model={name} is not a known model; available: {', '.join(sorted(MODELS))}")
+    return MODELS[name](n_classes=n_classes, input_shape=input_shape, **layers)

@@ -1,0 +1,1 @@
+"""Training: the fold data module, the Lightning classifier and the cross-validation loop."""

@@ -1,0 +1,136 @@
+"""One fold's data: the memory-mapped feature cache cut into train, validation and test.
+
+For test fold k the other folds train. Validation is carved out of them (grouped
+by source recording, so two takes of one recording never sit on both sides) or
+is a named other fold; the test fold never reaches the training or validation
+loaders, and normalisation statistics come from the training rows only.
+"""
+
+import json
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.model_selection import StratifiedGroupKFold
+from torch.utils.data import DataLoader, Dataset
+
+from esclab.errors import EsclabError
+
+
+class LogMelRows(Dataset):
+    """Rows of the feature cache as (1 x mels x frames float32, label, row) with fixed normalisation.
+
+    The cache is opened lazily, so a DataLoader worker maps the file itself instead
+    of receiving a pickled copy of it.
+    """
+
+    def __init__(self, path: Path, labels: np.ndarray, rows: np.ndarray, mean: float, std: float):
+        self.path, self.labels, self.rows = path, labels, rows
+        self.mean, self.std = mean, std
+        self.array = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        if self.array is None:
+            self.array = np.load(self.path, mmap_mode="r")
+        row = int(self.rows[i])
+        x = torch.from_numpy(self.array[row].astype(np.float32))
+        return ((x - self.mean) / self.std).unsqueeze(0), int(self.labels[row]), row
+
+
+def check_cache(features_dir: Path, settings: dict) -> None:
+    """Refuse a feature cache built with other settings than the current config's."""
+    meta_path = features_dir / "features.json"
+    if not meta_path.is_file():
+        raise EsclabError(f"{meta_path} not found: build the feature cache with `dvc repro features`")
+    built = json.loads(meta_path.read_text())["settings"]
+    changed = {k: (built.get(k), v) for k, v in settings.items() if k in built and built[k] != v}
+    if changed:
+        diff = ", ".join(f"features.{k}={now} (cache has {was})" for k, (was, now) in changed.items())
+        raise EsclabError(f"{features_dir} was built with other settings: {diff}; rebuild it with `dvc repro features`")
+
+
+class FoldData(L.LightningDataModule):
+    """Train/validation/test loaders for one test fold of the cross-validation."""
+
+    def __init__(self, features_dir: str | Path, *, test_fold: int, batch_size: int = 16, num_workers: int = 0,
+                 val_fraction: float = 0.2, val_fold: int | None = None, normalize: str = "global", seed: int = 0):
+        super().__init__()
+        self.features_dir = Path(features_dir)
+        self.test_fold, self.val_fold, self.val_fraction = test_fold, val_fold, val_fraction
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        if normalize not in ("global", "none"):
+            raise EsclabError(f"train.normalize must be one of global, none; got {normalize!r}")
+        if batch_size <= 0:
+            raise EsclabError(f"train.batch_size must be a positive integer, got {batch_size}")
+        self.normalize = normalize
+
+    def setup(self, stage: str | None = None) -> None:
+        self.index = pd.read_csv(self.features_dir / "index.csv")
+        self.array = np.load(self.features_dir / "logmel.npy", mmap_mode="r")
+        folds = self.index["fold"].to_numpy()
+        if self.test_fold not in set(folds):
+            raise EsclabError(f"fold={self.test_fold} is not a fold of {self.features_dir}; "
+                              f"choose one of {sorted(set(folds))}")
+        self.test_rows = np.flatnonzero(folds == self.test_fold)
+        self.train_rows, self.val_rows = self._carve_validation(np.flatnonzero(folds != self.test_fold))
+        self.mean, self.std = self._statistics()
+
+    def _carve_validation(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.val_fold is not None:
+            if self.val_fold == self.test_fold:
+                raise EsclabError(f"train.val_fold={self.val_fold} is the test fold; pick another fold or null")
+            is_val = self.index["fold"].to_numpy()[rows] == self.val_fold
+            return rows[~is_val], rows[is_val]
+        if not 0 < self.val_fraction < 1:
+            raise EsclabError(f"train.val_fraction must be between 0 and 1, got {self.val_fraction}")
+        labels = self.index["label"].to_numpy()[rows]
+        # One of n_splits folds is the validation share; a class needs a clip in each of them.
+        n_splits = min(round(1 / self.val_fraction), np.bincount(labels).min())
+        if n_splits < 2:
+            raise EsclabError(f"a class has fewer than 2 training clips outside fold {self.test_fold}, too few to "
+                              "carve a validation set: set train.val_fold to a fold number instead")
+        splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=self.seed)
+        groups = self.index["src_file"].astype(str).to_numpy()[rows] + "/" + labels.astype(str)
+        train, val = next(splitter.split(rows, labels, groups))
+        return rows[np.sort(train)], rows[np.sort(val)]
+
+    def _statistics(self) -> tuple[float, float]:
+        """Mean and std of the training rows only, accumulated in float64 over chunks of the memmap."""
+        if self.normalize == "none":
+            return 0.0, 1.0
+        total = total_sq = count = 0.0
+        for start in range(0, len(self.train_rows), 256):
+            chunk = self.array[self.train_rows[start:start + 256]].astype(np.float64)
+            total, total_sq, count = total + chunk.sum(), total_sq + (chunk**2).sum(), count + chunk.size
+        mean = total / count
+        return float(mean), float(max(np.sqrt(total_sq / count - mean**2), 1e-5))
+
+    @property
+    def n_classes(self) -> int:
+        return int(self.index["label"].max()) + 1
+
+    @property
+    def input_shape(self) -> tuple[int, int]:
+        return tuple(self.array.shape[1:])
+
+    def _loader(self, rows: np.ndarray, shuffle: bool) -> DataLoader:
+        dataset = LogMelRows(self.features_dir / "logmel.npy", self.index["label"].to_numpy(), rows, self.mean, self.std)
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, generator=generator,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_rows, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_rows, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_rows, shuffle=False)
+
+    predict_dataloader = test_dataloader

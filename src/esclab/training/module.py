@@ -1,0 +1,55 @@
+"""The Lightning classifier: any registered network, cross-entropy on logits, per-epoch metrics.
+
+Its hyper-parameters are plain dicts saved in every checkpoint, so a checkpoint
+alone rebuilds the exact model (`Classifier.load_from_checkpoint(path)`).
+"""
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from torchmetrics.classification import MulticlassAccuracy
+
+from esclab.models import build_model
+
+
+class Classifier(L.LightningModule):
+    def __init__(self, *, model: dict, n_classes: int, input_shape: tuple[int, int], optimizer: dict,
+                 scheduler: dict | None = None):
+        super().__init__()
+        self.save_hyperparameters()
+        layers = {k: v for k, v in model.items() if k != "name"}
+        self.model = build_model(model["name"], n_classes=n_classes, input_shape=tuple(input_shape), **layers)
+        self.train_acc = MulticlassAccuracy(n_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(n_classes, average="micro")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y, _ = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        self.train_acc(logits, y)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y, _ = batch
+        logits = self(x)
+        self.val_acc(logits, y)
+        self.log("val/loss", F.cross_entropy(logits, y), on_step=False, on_epoch=True, prog_bar=True)
+        self.log("val/acc", self.val_acc, on_step=False, on_epoch=True, prog_bar=True)
+
+    def predict_step(self, batch, batch_idx):
+        """Softmax probabilities (only here: training works on logits) with each clip's row."""
+        x, _, rows = batch
+        return rows, torch.softmax(self(x).float(), dim=1)
+
+    def configure_optimizers(self):
+        optimizer = instantiate(self.hparams.optimizer)(self.parameters())
+        if not self.hparams.scheduler:
+            return optimizer
+        scheduler = instantiate(self.hparams.scheduler)(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

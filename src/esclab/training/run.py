@@ -1,0 +1,132 @@
+"""Cross-validation: train each fold, predict its test clips, record everything.
+
+`train(cfg)` is what `python train.py` and the DVC `train` stages run; tests call
+it directly. For each test fold it fits on the other folds, keeps the checkpoint
+with the best validation score, predicts the test fold with it and writes
+`models/fold_<k>.ckpt`, `reports/folds/<k>/predictions.csv` and `history.csv`.
+A whole cross-validation (fold=null) also pools the folds into `reports/`.
+"""
+
+import logging
+import shutil
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import MLFlowLogger
+from omegaconf import DictConfig, OmegaConf
+
+from esclab.atomic import atomic_file
+from esclab.data.features import LogMelSettings
+from esclab.errors import EsclabError
+from esclab.tracking import Tracker
+from esclab.training.data import FoldData, check_cache
+from esclab.training.history import EpochHistory
+from esclab.training.module import Classifier
+
+log = logging.getLogger(__name__)
+
+
+class Probabilities(torch.nn.Module):
+    """The deployable model: raw log-mel arrays (batch x mels x frames) -> class probabilities.
+
+    It carries the fold's normalisation, so callers feed the feature cache's rows as they are.
+    """
+
+    def __init__(self, network: torch.nn.Module, mean: float, std: float):
+        super().__init__()
+        self.network, self.mean, self.std = network, mean, std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.network(((x - self.mean) / self.std).unsqueeze(1)), dim=1)
+
+
+def fold_data(cfg: DictConfig, fold: int) -> FoldData:
+    t = cfg.train
+    data = FoldData(cfg.paths.features, test_fold=fold, batch_size=t.batch_size, num_workers=t.num_workers,
+                    val_fraction=t.val_fraction, val_fold=t.val_fold, normalize=t.normalize, seed=cfg.seed)
+    data.setup()
+    return data
+
+
+def train_fold(cfg: DictConfig, fold: int, tracker: Tracker) -> pd.DataFrame:
+    """Fit on every fold but `fold`, predict `fold` with the best checkpoint; returns the predictions."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    data = fold_data(cfg, fold)
+    container = OmegaConf.to_container(cfg, resolve=True)
+    module = Classifier(model=container["model"], n_classes=data.n_classes, input_shape=data.input_shape,
+                        optimizer=container["optimizer"], scheduler=container["scheduler"] or None)
+    reports = Path(cfg.paths.reports) / "folds" / str(fold)
+    work = Path(cfg.paths.models) / f".fold_{fold}"  # Lightning's own checkpoints while the fold trains
+    monitor = cfg.train.monitor
+    mode = "min" if monitor.endswith("loss") else "max"
+    checkpoint = ModelCheckpoint(dirpath=work, filename="best", monitor=monitor, mode=mode, save_last=True)
+    history = EpochHistory()
+    callbacks = [checkpoint, history, LearningRateMonitor("epoch")]
+    if cfg.train.early_stopping_patience:
+        callbacks.append(EarlyStopping(monitor, patience=cfg.train.early_stopping_patience, mode=mode))
+
+    with tracker.fold_run(fold) as run_id:
+        logger = MLFlowLogger(tracking_uri=tracker.uri, run_id=run_id, log_model=False)
+        trainer = L.Trainer(**container["trainer"], logger=logger, callbacks=callbacks, default_root_dir=work,
+                            enable_model_summary=False)
+        trainer.fit(module, datamodule=data)
+        best = Classifier.load_from_checkpoint(checkpoint.best_model_path, map_location="cpu")
+        batches = trainer.predict(best, datamodule=data)
+        rows = torch.cat([r for r, _ in batches]).numpy()
+        probs = torch.cat([p for _, p in batches]).numpy()
+        predictions = prediction_table(data.index, rows, probs)
+        accuracy = float((predictions["pred"] == predictions["label"]).mean())
+        logger.log_metrics({"test/acc": accuracy})
+        write_csv(predictions, reports / "predictions.csv")
+        write_csv(history.table(), reports / "history.csv")
+        target = Path(cfg.paths.models) / f"fold_{fold}.ckpt"
+        with atomic_file(target) as tmp:
+            shutil.copyfile(checkpoint.best_model_path, tmp)
+        tracker.client.log_artifact(run_id, str(target), artifact_path="checkpoint")
+        if cfg.tracking.log_model:
+            example = torch.from_numpy(np.asarray(data.array[data.test_rows[:2]], dtype=np.float32))
+            tracker.log_model(run_id, Probabilities(best.model.eval(), data.mean, data.std).eval(), example)
+    shutil.rmtree(work, ignore_errors=True)
+    log.info("fold %d: test accuracy %.4f (%d clips)", fold, accuracy, len(predictions))
+    return predictions
+
+
+def prediction_table(index: pd.DataFrame, rows: np.ndarray, probs: np.ndarray) -> pd.DataFrame:
+    table = index.loc[rows, ["filename", "fold", "label"]].reset_index(drop=True)
+    table["pred"] = probs.argmax(axis=1)
+    return pd.concat([table, pd.DataFrame(probs, columns=[f"prob_{i}" for i in range(probs.shape[1])])], axis=1)
+
+
+def write_csv(table: pd.DataFrame, path: Path) -> None:
+    with atomic_file(path) as tmp:
+        table.to_csv(tmp, index=False, float_format="%.6g")
+
+
+def train(cfg: DictConfig) -> dict | None:
+    """Train `cfg.fold`, or every fold and then pool them; returns the pooled metrics if it pooled."""
+    n_folds = cfg.dataset.n_folds
+    if cfg.fold is not None and cfg.fold not in range(1, n_folds + 1):
+        raise EsclabError(f"fold={cfg.fold} is not a fold: use 1..{n_folds}, or fold=null for all of them")
+    settings = LogMelSettings(**{k: cfg.features[k] for k in LogMelSettings.__dataclass_fields__})
+    check_cache(Path(cfg.paths.features), settings.__dict__)
+    tracker = Tracker(cfg)
+    folds = [cfg.fold] if cfg.fold is not None else range(1, n_folds + 1)
+    for fold in folds:
+        train_fold(cfg, fold, tracker)
+    return None if cfg.fold is not None else evaluate(cfg, tracker)
+
+
+def evaluate(cfg: DictConfig, tracker: Tracker | None = None) -> dict:
+    """Pool the folds' predictions into reports/ and onto the cross-validation's parent run."""
+    from esclab.evaluation.metrics import write_reports
+
+    reports = Path(cfg.paths.reports)
+    metrics = write_reports(reports / "folds", Path(cfg.paths.features) / "index.csv", reports,
+                            n_folds=cfg.dataset.n_folds, top_k=cfg.evaluate.top_k)
+    (tracker or Tracker(cfg)).log_pooled(metrics, reports)
+    log.info("cross-validation: accuracy %.4f +- %.4f", metrics["accuracy_mean"], metrics["accuracy_std"])
+    return metrics

@@ -1,0 +1,24 @@
+"""Train cnn4 (or any registered model) with cross-validation over ESC-50's folds.
+
+    python train.py                                  # all five folds, then pooled metrics in reports/
+    python train.py fold=3 lr=3e-4 trainer.max_epochs=5
+    python train.py -m lr=1e-3,3e-4                  # a Hydra multirun sweep
+    python train.py --config-dir . --config-name params fold=2   # what `dvc repro` runs
+
+Every run lands in MLflow (`mlflow ui --backend-store-uri sqlite:///mlflow.db`).
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from esclab.cli import run_reporting_errors
+from esclab.training.run import train
+
+
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run_reporting_errors(train, cfg)
+
+
+if __name__ == "__main__":
+    main()
