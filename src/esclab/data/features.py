@@ -1,8 +1,9 @@
 """The features stage: every clip decoded once into one float16 log-mel array.
 
-Clips are decoded, mixed to mono, resampled and padded/trimmed in worker
-processes (soundfile + torchaudio, one core each); the log-mel transform runs in
-the main process on the chosen device, in batches. The result is
+Worker processes (one per core, one thread each) decode clips with soundfile, mix
+to mono, resample, pad or trim, compute the log-mel with torchaudio on the chosen
+device (on a GPU each worker holds its own CUDA context) and write the rows
+straight into the memory-mapped output. The result is
 `logmel.npy` (clips x n_mels x frames, float16, rows in split-table order, read
 memory-mapped at train time), `index.csv` (the split table rows, same order) and
 `features.json` (the settings that made it, to detect a stale cache).
@@ -11,7 +12,6 @@ memory-mapped at train time), `index.csv` (the split table rows, same order) and
 import json
 import logging
 import os
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -107,15 +107,6 @@ def load_clip(path: str | Path, *, sample_rate: int, n_samples: int) -> np.ndarr
     return clip
 
 
-def _load_in_worker(args: tuple[str, int, int]) -> np.ndarray:
-    path, sample_rate, n_samples = args
-    return load_clip(path, sample_rate=sample_rate, n_samples=n_samples)
-
-
-def _worker_init() -> None:
-    torch.set_num_threads(1)  # one process per core already; more threads would fight
-
-
 def pick_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -126,22 +117,49 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def compute_logmels(paths: list[str], settings: LogMelSettings, out: np.ndarray, *,
+# Each worker process keeps its own view of the output file and its own transform.
+_worker: dict = {}
+
+
+def _start_worker(npy_path: Path, settings: LogMelSettings, device: torch.device, threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+    _worker.update(out=np.load(npy_path, mmap_mode="r+"), transform=LogMel(settings).to(device),
+                   settings=settings, device=device)
+
+
+def _fill_rows(job: tuple[int, list[str]]) -> int:
+    """Decode a run of clips and write their log-mels straight into the shared output file."""
+    start, paths = job
+    s = _worker["settings"]
+    waves = np.stack([load_clip(p, sample_rate=s.sample_rate, n_samples=s.n_samples) for p in paths])
+    with torch.inference_mode():
+        mels = _worker["transform"](torch.from_numpy(waves).to(_worker["device"]).unsqueeze(1))
+    _worker["out"][start:start + len(paths)] = mels.squeeze(1).to(torch.float16).cpu().numpy()
+    return len(paths)
+
+
+def compute_logmels(paths: list[str], settings: LogMelSettings, npy_path: Path, *,
                     device: torch.device, batch_size: int, num_workers: int) -> None:
-    """Fill `out` (len(paths) x n_mels x frames) with the clips' log-mels, in order."""
-    transform = LogMel(settings).to(device)
-    jobs = [(p, settings.sample_rate, settings.n_samples) for p in paths]
-    # num_workers=0 decodes in this process: slower, but easy to debug.
-    pool = get_context("spawn").Pool(num_workers, initializer=_worker_init) if num_workers else None
-    with (pool or nullcontext()), torch.inference_mode(), \
-            tqdm(total=len(paths), desc="features", unit="clip") as bar:
-        clips = pool.imap(_load_in_worker, jobs, chunksize=8) if pool else map(_load_in_worker, jobs)
-        for start in range(0, len(paths), batch_size):
-            stop = min(start + batch_size, len(paths))
-            batch = np.stack([next(clips) for _ in range(start, stop)])
-            waves = torch.from_numpy(batch).to(device).unsqueeze(1)
-            out[start:stop] = transform(waves).squeeze(1).to(torch.float16).cpu().numpy()
-            bar.update(stop - start)
+    """Fill the .npy at `npy_path` (len(paths) x n_mels x frames, already allocated) in row order.
+
+    Worker processes each decode and transform runs of `batch_size` clips and write
+    them into the memory-mapped file themselves, so no audio crosses a pipe.
+    """
+    jobs = [(i, paths[i:i + batch_size]) for i in range(0, len(paths), batch_size)]
+    with tqdm(total=len(paths), desc="features", unit="clip") as bar:
+        if num_workers == 0:  # everything in this process: slower, but easy to debug
+            _start_worker(npy_path, settings, device, threads=None)
+            done = map(_fill_rows, jobs)
+        else:  # one thread per process: the processes already fill the cores
+            pool = get_context("spawn").Pool(num_workers, _start_worker, (npy_path, settings, device, 1))
+            done = pool.imap_unordered(_fill_rows, jobs)
+        try:
+            for count in done:
+                bar.update(count)
+        finally:
+            if num_workers:
+                pool.terminate()
 
 
 def write_features(split_csv: Path, out_dir: Path, settings: LogMelSettings, *, device: str = "auto",
@@ -159,12 +177,12 @@ def write_features(split_csv: Path, out_dir: Path, settings: LogMelSettings, *, 
         num_workers = os.cpu_count() or 1
     shape = (len(table), settings.n_mels, settings.n_frames)
     with atomic_dir(out_dir) as tmp:
-        array = np.lib.format.open_memmap(tmp / "logmel.npy", mode="w+", dtype=np.float16, shape=shape)
-        compute_logmels(table["path"].tolist(), settings, array, device=torch_device,
+        np.lib.format.open_memmap(tmp / "logmel.npy", mode="w+", dtype=np.float16, shape=shape).flush()
+        compute_logmels(table["path"].tolist(), settings, tmp / "logmel.npy", device=torch_device,
                         batch_size=batch_size, num_workers=num_workers)
+        array = np.load(tmp / "logmel.npy", mmap_mode="r")
         if not np.isfinite(array).all():
             raise EsclabError(f"log-mel of {split_csv} overflowed float16; set features.normalize=per_clip")
-        array.flush()
         del array
         table.to_csv(tmp / "index.csv", index=False)
         meta = {"settings": asdict(settings), "shape": list(shape), "dtype": "float16"}
