@@ -7,7 +7,6 @@ subset), then timed on the whole set. Prints a table and writes JSON.
 """
 
 import argparse
-import json
 import platform
 import resource
 import tempfile
@@ -15,8 +14,9 @@ import time
 from pathlib import Path
 
 import librosa
-import pandas as pd
 import torch
+
+from report import report
 
 from esclab.data.features import LogMelSettings, write_features
 from esclab.data.split import write_split
@@ -78,10 +78,7 @@ def main() -> None:
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "machine": platform.processor() or platform.machine(),
     }
-    print(pd.Series(result).to_string())
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    report(result, args.out)
 
 
 if __name__ == "__main__":

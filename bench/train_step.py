@@ -9,15 +9,14 @@ table and writes JSON.
 """
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path
 
 import lightning as L
-import pandas as pd
 import torch
 import torch.nn.functional as F
+from report import report
 from torch.utils.data import DataLoader, TensorDataset
 
 from esclab.models import build_model
@@ -108,10 +107,7 @@ def main() -> None:
         "plain_samples_per_s": round(plain, 2), "lightning_samples_per_s": round(lightning, 2),
         "lightning_over_plain": round(lightning / plain, 3),
     }
-    print(pd.Series(result).to_string())
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    report(result, args.out)
 
 
 if __name__ == "__main__":

@@ -89,3 +89,22 @@ def test_fold_out_of_range_is_refused(tiny_data, tmp_path):
     cfg = compose_config(*tiny_overrides(tiny_data, tmp_path, "fold=7"))
     with pytest.raises(EsclabError, match="fold=7 is not a fold: use 1..5"):
         train(cfg)
+
+
+def test_multirun_sweep_runs_each_value_into_its_own_mlflow_parent(tiny_data, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from mlflow import MlflowClient
+
+    overrides = tiny_overrides(tiny_data, tmp_path, "fold=1", "trainer.max_epochs=1", "tracking.log_model=false")
+    overrides = [o for o in overrides if not o.startswith("lr=")]
+    result = subprocess.run([sys.executable, str(REPO / "train.py"), "-m", "lr=1e-3,3e-4", *overrides],
+                            cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("esclab").experiment_id])
+    parents = {r.data.params["lr"] for r in runs if r.data.tags["esclab.fold"] == "all"}
+    assert parents == {"0.001", "0.0003"}
+    assert len(list((tmp_path / "multirun").glob("*/*/*/.hydra/config.yaml"))) == 2  # each job keeps its config
