@@ -6,7 +6,6 @@ one function with plain arguments. A user-causable error prints one line and
 exits 1; HYDRA_FULL_ERROR=1 shows the traceback instead.
 """
 
-import logging
 import os
 import sys
 from pathlib import Path
@@ -16,7 +15,6 @@ from omegaconf import DictConfig
 
 from esclab.errors import EsclabError
 
-log = logging.getLogger("esclab")
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
@@ -44,7 +42,7 @@ def features(cfg: DictConfig) -> None:
     from esclab.data.features import LogMelSettings, write_features
 
     f = cfg.features
-    settings = LogMelSettings(**{k: f[k] for k in LogMelSettings.__dataclass_fields__})
+    settings = LogMelSettings.from_config(f)
     write_features(Path(cfg.paths.split), Path(cfg.paths.features), settings, device=f.device,
                    batch_size=f.batch_size, num_workers=f.num_workers)
 

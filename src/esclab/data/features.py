@@ -52,6 +52,11 @@ class LogMelSettings:
         if self.normalize not in ("none", "per_clip"):
             raise EsclabError(f"features.normalize must be one of none, per_clip; got {self.normalize!r}")
 
+    @classmethod
+    def from_config(cls, features) -> "LogMelSettings":
+        """The settings among conf/features' keys (the rest say how the work is done, not what it gives)."""
+        return cls(**{name: features[name] for name in cls.__dataclass_fields__})
+
     @property
     def n_samples(self) -> int:
         return round(self.duration * self.sample_rate)

@@ -9,6 +9,7 @@ A whole cross-validation (fold=null) also pools the folds into `reports/`.
 
 import logging
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
@@ -89,7 +90,7 @@ def train_fold(cfg: DictConfig, fold: int, tracker: Tracker) -> pd.DataFrame:
         tracker.client.log_artifact(run_id, str(target), artifact_path="checkpoint")
         if cfg.tracking.log_model:
             example = torch.from_numpy(np.asarray(data.array[data.test_rows[:2]], dtype=np.float32))
-            tracker.log_model(run_id, Probabilities(best.model.eval(), data.mean, data.std).eval(), example)
+            tracker.log_model(run_id, Probabilities(best.model, data.mean, data.std).eval(), example)
     shutil.rmtree(work, ignore_errors=True)
     log.info("fold %d: test accuracy %.4f (%d clips)", fold, accuracy, len(predictions))
     return predictions
@@ -111,8 +112,7 @@ def train(cfg: DictConfig) -> dict | None:
     n_folds = cfg.dataset.n_folds
     if cfg.fold is not None and cfg.fold not in range(1, n_folds + 1):
         raise EsclabError(f"fold={cfg.fold} is not a fold: use 1..{n_folds}, or fold=null for all of them")
-    settings = LogMelSettings(**{k: cfg.features[k] for k in LogMelSettings.__dataclass_fields__})
-    check_cache(Path(cfg.paths.features), settings.__dict__)
+    check_cache(Path(cfg.paths.features), asdict(LogMelSettings.from_config(cfg.features)))
     tracker = Tracker(cfg)
     folds = [cfg.fold] if cfg.fold is not None else range(1, n_folds + 1)
     for fold in folds:
