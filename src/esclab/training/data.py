@@ -14,9 +14,10 @@ import numpy as np
 import pandas as pd
 import torch
 from sklearn.model_selection import StratifiedGroupKFold
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from esclab.errors import EsclabError
+from esclab.training.seeding import epoch_permutation
 
 
 class LogMelRows(Dataset):
@@ -40,6 +41,22 @@ class LogMelRows(Dataset):
         row = int(self.rows[i])
         x = torch.from_numpy(self.array[row].astype(np.float32))
         return ((x - self.mean) / self.std).unsqueeze(0), int(self.labels[row]), row
+
+
+class EpochShuffle(Sampler[int]):
+    """A new order every epoch, fixed by (seed, epoch); Lightning calls `set_epoch` before each."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        return iter(epoch_permutation(self.n, self.seed, self.epoch).tolist())
 
 
 def check_cache(features_dir: Path, settings: dict) -> None:
@@ -120,8 +137,8 @@ class FoldData(L.LightningDataModule):
 
     def _loader(self, rows: np.ndarray, shuffle: bool) -> DataLoader:
         dataset = LogMelRows(self.features_dir / "logmel.npy", self.index["label"].to_numpy(), rows, self.mean, self.std)
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, generator=generator,
+        sampler = EpochShuffle(len(rows), self.seed) if shuffle else None
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:

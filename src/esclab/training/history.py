@@ -22,5 +22,12 @@ class EpochHistory(L.Callback):
         row = {"epoch": trainer.current_epoch} | {k: float(metrics[k]) for k in COLUMNS if k in metrics}
         self.rows.append(row | {"lr": self._lr})
 
+    def state_dict(self) -> dict:
+        """Saved in every checkpoint, so a resumed fold's history.csv still starts at epoch 0."""
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.rows = list(state_dict["rows"])
+
     def table(self) -> pd.DataFrame:
         return pd.DataFrame(self.rows, columns=["epoch", *COLUMNS, "lr"])

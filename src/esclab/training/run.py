@@ -3,10 +3,12 @@
 `train(cfg)` is what `python train.py` and the DVC `train` stages run; tests call
 it directly. For each test fold it fits on the other folds, keeps the checkpoint
 with the best validation score, predicts the test fold with it and writes
-`models/fold_<k>.ckpt`, `reports/folds/<k>/predictions.csv` and `history.csv`.
+`models/fold_<k>.ckpt`, `reports/folds/<k>/predictions.csv`, `history.csv` and
+`fold.json` (the run key that says which config and data made them).
 A whole cross-validation (fold=null) also pools the folds into `reports/`.
 """
 
+import json
 import logging
 import shutil
 from dataclasses import asdict
@@ -27,6 +29,7 @@ from esclab.tracking import Tracker
 from esclab.training.data import FoldData, check_cache
 from esclab.training.history import EpochHistory
 from esclab.training.module import Classifier
+from esclab.training.seeding import EpochSeed
 
 log = logging.getLogger(__name__)
 
@@ -54,19 +57,30 @@ def fold_data(cfg: DictConfig, fold: int) -> FoldData:
 
 
 def train_fold(cfg: DictConfig, fold: int, tracker: Tracker) -> pd.DataFrame:
-    """Fit on every fold but `fold`, predict `fold` with the best checkpoint; returns the predictions."""
+    """Fit on every fold but `fold`, predict `fold` with the best checkpoint; returns the predictions.
+
+    A fold already finished with this config and data is not trained again; an
+    unfinished one (killed, or failed) resumes from its last epoch's checkpoint.
+    """
+    reports = Path(cfg.paths.reports) / "folds" / str(fold)
+    target = Path(cfg.paths.models) / f"fold_{fold}.ckpt"
+    record = reports / "fold.json"
+    if target.is_file() and record.is_file() and json.loads(record.read_text())["run_key"] == tracker.key:
+        log.info("fold %d: already trained with this config and data (%s); skipping", fold, record)
+        return pd.read_csv(reports / "predictions.csv")
+
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     data = fold_data(cfg, fold)
     container = OmegaConf.to_container(cfg, resolve=True)
     module = Classifier(model=container["model"], n_classes=data.n_classes, input_shape=data.input_shape,
                         optimizer=container["optimizer"], scheduler=container["scheduler"] or None)
-    reports = Path(cfg.paths.reports) / "folds" / str(fold)
     work = Path(cfg.paths.models) / f".fold_{fold}"  # Lightning's own checkpoints while the fold trains
+    resume = resume_point(work, tracker.key)
     monitor = cfg.train.monitor
     mode = "min" if monitor.endswith("loss") else "max"
-    checkpoint = ModelCheckpoint(dirpath=work, filename="best", monitor=monitor, mode=mode, save_last=True)
+    checkpoint = ModelCheckpoint(dirpath=work / "checkpoints", filename="best", monitor=monitor, mode=mode, save_last=True)
     history = EpochHistory()
-    callbacks = [checkpoint, history, LearningRateMonitor("epoch")]
+    callbacks = [checkpoint, history, EpochSeed(cfg.seed), LearningRateMonitor("epoch")]
     if cfg.train.early_stopping_patience:
         callbacks.append(EarlyStopping(monitor, patience=cfg.train.early_stopping_patience, mode=mode))
 
@@ -74,7 +88,7 @@ def train_fold(cfg: DictConfig, fold: int, tracker: Tracker) -> pd.DataFrame:
         logger = MLFlowLogger(tracking_uri=tracker.uri, run_id=run_id, log_model=False)
         trainer = L.Trainer(**container["trainer"], logger=logger, callbacks=callbacks, default_root_dir=work,
                             enable_model_summary=False)
-        trainer.fit(module, datamodule=data)
+        trainer.fit(module, datamodule=data, ckpt_path=resume)
         best = Classifier.load_from_checkpoint(checkpoint.best_model_path, map_location="cpu")
         batches = trainer.predict(best, datamodule=data)
         rows = torch.cat([r for r, _ in batches]).numpy()
@@ -84,16 +98,32 @@ def train_fold(cfg: DictConfig, fold: int, tracker: Tracker) -> pd.DataFrame:
         logger.log_metrics({"test/acc": accuracy})
         write_csv(predictions, reports / "predictions.csv")
         write_csv(history.table(), reports / "history.csv")
-        target = Path(cfg.paths.models) / f"fold_{fold}.ckpt"
         with atomic_file(target) as tmp:
             shutil.copyfile(checkpoint.best_model_path, tmp)
         tracker.client.log_artifact(run_id, str(target), artifact_path="checkpoint")
         if cfg.tracking.log_model:
             example = torch.from_numpy(np.asarray(data.array[data.test_rows[:2]], dtype=np.float32))
             tracker.log_model(run_id, Probabilities(best.model, data.mean, data.std).eval(), example)
+        with atomic_file(record) as tmp:  # written last: the fold counts as finished only once it exists
+            tmp.write_text(json.dumps({"run_key": tracker.key, "test_acc": accuracy}, indent=2) + "\n")
     shutil.rmtree(work, ignore_errors=True)
     log.info("fold %d: test accuracy %.4f (%d clips)", fold, accuracy, len(predictions))
     return predictions
+
+
+def resume_point(work: Path, key: str) -> Path | None:
+    """The last checkpoint of an unfinished run of this fold with the same config and data, if any.
+
+    Anything else in the work folder (another config's checkpoints) is cleared.
+    """
+    stamp, last = work / "run_key", work / "checkpoints" / "last.ckpt"
+    if stamp.is_file() and stamp.read_text() == key and last.is_file():
+        log.info("resuming from %s", last)
+        return last
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    stamp.write_text(key)
+    return None
 
 
 def prediction_table(index: pd.DataFrame, rows: np.ndarray, probs: np.ndarray) -> pd.DataFrame:
