@@ -1,9 +1,11 @@
 """Write outputs under a temporary name and move them into place in one step.
 
 A stage killed half-way then leaves either the previous complete output or none,
-never a partial file that the next stage would read as good.
+never a partial file that the next stage would read as good. The hidden temporary
+it was writing is cleared by the next write of the same output.
 """
 
+import glob
 import os
 import shutil
 import tempfile
@@ -23,10 +25,20 @@ def _publish(path: Path, mode: int) -> None:
     os.chmod(path, mode & ~_umask())
 
 
+def _clear_leftovers(path: Path) -> None:
+    """Remove the temporaries of earlier writes of `path` that were killed before they finished."""
+    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*"):
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+
+
 @contextmanager
 def atomic_file(path: Path) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success it replaces `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    _clear_leftovers(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(tmp)
@@ -47,6 +59,7 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     renames.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
+    _clear_leftovers(path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:
         yield tmp

@@ -13,6 +13,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from esclab.config import check_config
 from esclab.errors import EsclabError
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -57,8 +58,9 @@ STAGES = {"download": download, "split": split, "features": features, "evaluate"
 
 
 def run_reporting_errors(fn, cfg: DictConfig) -> None:
-    """Run a stage; a user-causable error becomes one line on stderr and exit status 1."""
+    """Check the config, run a stage; a user-causable error becomes one line on stderr and exit status 1."""
     try:
+        check_config(cfg)
         fn(cfg)
     except EsclabError as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":

@@ -29,7 +29,7 @@ from esclab.tracking import Tracker
 from esclab.training.data import FoldData, check_cache
 from esclab.training.history import EpochHistory
 from esclab.training.module import Classifier
-from esclab.training.seeding import EpochSeed
+from esclab.training.seeding import BatchSeed
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def train_fold(cfg: DictConfig, fold: int, tracker: Tracker) -> pd.DataFrame:
     mode = "min" if monitor.endswith("loss") else "max"
     checkpoint = ModelCheckpoint(dirpath=work / "checkpoints", filename="best", monitor=monitor, mode=mode, save_last=True)
     history = EpochHistory()
-    callbacks = [checkpoint, history, EpochSeed(cfg.seed), LearningRateMonitor("epoch")]
+    callbacks = [checkpoint, history, BatchSeed(cfg.seed), LearningRateMonitor("epoch")]
     if cfg.train.early_stopping_patience:
         callbacks.append(EarlyStopping(monitor, patience=cfg.train.early_stopping_patience, mode=mode))
 

@@ -1,29 +1,33 @@
-"""Randomness that depends on (seed, epoch) alone, so a resumed fold replays an uninterrupted one.
+"""Randomness that depends on (seed, epoch, batch) alone, so a resumed fold replays an uninterrupted one.
 
 Lightning restores the weights, optimizer, scheduler and callback states from a
-checkpoint but not the random generators. Drawing each epoch's shuffle, dropout
-masks and augmentations from a seed derived from the epoch number makes epoch k
-the same whether the process started at epoch 0 or resumed at k.
+checkpoint but not the random generators, and how many numbers get drawn
+between two batches (DataLoader iterators draw one each when they start)
+differs between a process that resumed and one that did not. Drawing each
+epoch's shuffle from (seed, epoch), and each batch's dropout masks and
+augmentations from (seed, epoch, batch), makes every step the same either way.
 """
 
 import lightning as L
 import torch
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    return (seed * 100_003 + epoch) % 2**32
+def derived_seed(seed: int, *counters: int) -> int:
+    for counter in counters:
+        seed = seed * 100_003 + counter
+    return seed % 2**32
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The training order of one epoch: a permutation of range(n)."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed(seed, epoch)))
+    return torch.randperm(n, generator=torch.Generator().manual_seed(derived_seed(seed, epoch)))
 
 
-class EpochSeed(L.Callback):
-    """Re-seeds torch, numpy and random at the start of every training epoch."""
+class BatchSeed(L.Callback):
+    """Re-seeds torch, numpy and random before every training batch."""
 
     def __init__(self, seed: int):
         self.seed = seed
 
-    def on_train_epoch_start(self, trainer, pl_module):
-        L.seed_everything(epoch_seed(self.seed, trainer.current_epoch), workers=True, verbose=False)
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        L.seed_everything(derived_seed(self.seed, trainer.current_epoch, batch_idx), workers=True, verbose=False)
