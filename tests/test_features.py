@@ -111,3 +111,28 @@ def test_failed_build_leaves_no_output(split_csv, tmp_path):
 def test_non_positive_setting_is_refused(key):
     with pytest.raises(EsclabError, match=f"features.{key} must be a positive integer, got 0"):
         LogMelSettings(**{key: 0})
+
+
+def test_nan_samples_are_refused_naming_the_file(tmp_path):
+    samples = np.zeros(16000, dtype=np.float32)
+    samples[100] = np.nan
+    sf.write(tmp_path / "nan.wav", samples, 16000, subtype="FLOAT")
+    with pytest.raises(EsclabError, match="nan.wav decodes to NaN or infinite samples"):
+        load_clip(tmp_path / "nan.wav", sample_rate=16000, n_samples=16000)
+
+
+@pytest.mark.parametrize("normalize", ["none", "per_clip"])
+def test_all_zero_clip_gives_a_finite_floor_row(split_csv, tmp_path, normalize):
+    """Digital silence is a real ESC-50 case: it becomes the -100 dB floor (0 after per-clip scaling), never NaN."""
+    table = pd.read_csv(split_csv)
+    sf.write(table["path"][0], np.zeros(16000, dtype=np.int16), 16000, subtype="PCM_16")
+    array = build(split_csv, tmp_path / "features", LogMelSettings(**{**SETTINGS.__dict__, "normalize": normalize}))
+    assert np.isfinite(array).all()
+    assert np.unique(array[0]).tolist() == ([-100.0] if normalize == "none" else [0.0])
+
+
+def test_rebuilt_cache_is_byte_identical(split_csv, tmp_path):
+    build(split_csv, tmp_path / "a", num_workers=0)
+    build(split_csv, tmp_path / "b", num_workers=2)
+    for name in ("logmel.npy", "index.csv", "features.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
