@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,19 +25,38 @@ from esclab.training.run import train
 ESCLAB = str(Path(sys.executable).parent / "esclab")
 
 
-def kill_mid_write(args: list[str], cwd: Path, temporaries: str, timeout: float = 300) -> None:
-    """Run `args`; SIGKILL its whole process group once a path matching the glob `temporaries` exists."""
+def kill_when(args: list[str], cwd: Path, ready: Callable[[], bool], timeout: float = 300) -> None:
+    """Run `args`; SIGKILL its whole process group as soon as `ready()` is true."""
     proc = subprocess.Popen(args, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
     deadline = time.monotonic() + timeout
     while proc.poll() is None and time.monotonic() < deadline:
-        if list(cwd.glob(temporaries)):
+        if ready():
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             return
         time.sleep(0.002)
     os.killpg(proc.pid, signal.SIGKILL)
-    pytest.fail(f"{args[:2]} ended (exit {proc.poll()}) before writing {temporaries}: {proc.stderr.read()[-2000:]}")
+    pytest.fail(f"{args[:2]} ended (exit {proc.poll()}) before it could be killed: {proc.stderr.read()[-2000:]}")
+
+
+def kill_mid_write(args: list[str], cwd: Path, temporaries: str) -> None:
+    """Kill `args` while a path matching the glob `temporaries` (its hidden output in progress) exists."""
+    kill_when(args, cwd, lambda: bool(list(cwd.glob(temporaries))))
+
+
+def replaced(path: Path) -> Callable[[], bool]:
+    """True once `path` has been written a second time (its first version seen, then another)."""
+    seen: set[int] = set()
+
+    def check() -> bool:
+        try:
+            seen.add(path.stat().st_mtime_ns)
+        except FileNotFoundError:
+            return False
+        return len(seen) > 1
+
+    return check
 
 
 def same_tree(a: Path, b: Path) -> bool:
@@ -80,8 +100,8 @@ def test_kill9_during_training_resumes_the_fold_and_matches_an_uninterrupted_run
 
     killed = tmp_path / "killed"
     overrides = tiny_overrides(tiny_data, killed, *extra)
-    kill_mid_write([sys.executable, str(REPO / "train.py"), *overrides], tmp_path,
-                   "killed/models/.fold_1/checkpoints/last.ckpt")
+    last = killed / "models/.fold_1/checkpoints/last.ckpt"
+    kill_when([sys.executable, str(REPO / "train.py"), *overrides], tmp_path, replaced(last))
     assert not (killed / "models/fold_1.ckpt").exists()
 
     with caplog.at_level(logging.INFO, logger="esclab.training.run"):

@@ -78,9 +78,11 @@ def train_fold(cfg: DictConfig, fold: int, tracker: Tracker) -> pd.DataFrame:
     resume = resume_point(work, tracker.key)
     monitor = cfg.train.monitor
     mode = "min" if monitor.endswith("loss") else "max"
-    checkpoint = ModelCheckpoint(dirpath=work / "checkpoints", filename="best", monitor=monitor, mode=mode, save_last=True)
+    checkpoint = ModelCheckpoint(dirpath=work / "checkpoints", filename="best", monitor=monitor, mode=mode)
+    # Every epoch's end, what a killed fold resumes from (save_last=True only saves when `best` improves).
+    latest = ModelCheckpoint(dirpath=work / "checkpoints", filename="last", enable_version_counter=False)
     history = EpochHistory()
-    callbacks = [checkpoint, history, BatchSeed(cfg.seed), LearningRateMonitor("epoch")]
+    callbacks = [checkpoint, latest, history, BatchSeed(cfg.seed), LearningRateMonitor("epoch")]
     if cfg.train.early_stopping_patience:
         callbacks.append(EarlyStopping(monitor, patience=cfg.train.early_stopping_patience, mode=mode))
 
