@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from torchmetrics.classification import MulticlassAccuracy
 
+from esclab.errors import EsclabError
 from esclab.models import build_model
 
 
@@ -48,8 +49,19 @@ class Classifier(L.LightningModule):
         return rows, torch.softmax(self(x).float(), dim=1)
 
     def configure_optimizers(self):
+        """The optimizer, and the scheduler stepped per `scheduler.interval`: epoch (when absent) or step.
+
+        A per-step scheduler is built with `total_steps`, the optimizer steps of the whole run.
+        """
         optimizer = instantiate(self.hparams.optimizer)(self.parameters())
         if not self.hparams.scheduler:
             return optimizer
-        scheduler = instantiate(self.hparams.scheduler)(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        settings = dict(self.hparams.scheduler)
+        interval = settings.pop("interval", "epoch")
+        if interval == "epoch":
+            scheduler = instantiate(settings)(optimizer)
+        elif interval == "step":
+            scheduler = instantiate(settings)(optimizer, total_steps=self.trainer.estimated_stepping_batches)
+        else:
+            raise EsclabError(f"scheduler.interval must be one of epoch, step; got {interval!r}")
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
