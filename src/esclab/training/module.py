@@ -2,6 +2,10 @@
 
 Its hyper-parameters are plain dicts saved in every checkpoint, so a checkpoint
 alone rebuilds the exact model (`Classifier.load_from_checkpoint(path)`).
+Training batches are augmented (training/augment.py) inside `training_step` only,
+and trained against probability targets, so mixup's soft targets and label
+smoothing combine in one cross-entropy; validation keeps the plain loss, comparable
+across recipes.
 """
 
 import lightning as L
@@ -10,16 +14,22 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from torchmetrics.classification import MulticlassAccuracy
 
+from esclab.errors import EsclabError
 from esclab.models import build_model
+from esclab.training.augment import Augment
 
 
 class Classifier(L.LightningModule):
+    """`feature_std` is the training split's log-mel std in dB (FoldData.std): augment.gain's unit."""
+
     def __init__(self, *, model: dict, n_classes: int, input_shape: tuple[int, int], optimizer: dict,
-                 scheduler: dict | None = None):
+                 scheduler: dict | None = None, augment: dict | None = None, label_smoothing: float = 0.0,
+                 feature_std: float = 1.0):
         super().__init__()
         self.save_hyperparameters()
         layers = {k: v for k, v in model.items() if k != "name"}
         self.model = build_model(model["name"], n_classes=n_classes, input_shape=tuple(input_shape), **layers)
+        self.augment = Augment(augment or {}, std=feature_std)
         self.train_acc = MulticlassAccuracy(n_classes, average="micro")
         self.val_acc = MulticlassAccuracy(n_classes, average="micro")
 
@@ -28,9 +38,11 @@ class Classifier(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y, _ = batch
+        x, targets = self.augment(x, F.one_hot(y, self.hparams.n_classes).to(x.dtype))
         logits = self(x)
-        loss = F.cross_entropy(logits, y)
-        self.train_acc(logits, y)
+        # torch smooths probability targets as (1 - e) * targets + e / n_classes: mixup first, then smoothing.
+        loss = F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
+        self.train_acc(logits, targets.argmax(dim=1))  # a mixed clip counts as its larger share's class
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
@@ -48,8 +60,19 @@ class Classifier(L.LightningModule):
         return rows, torch.softmax(self(x).float(), dim=1)
 
     def configure_optimizers(self):
+        """The optimizer, and the scheduler stepped per `scheduler.interval`: epoch (when absent) or step.
+
+        A per-step scheduler is built with `total_steps`, the optimizer steps of the whole run.
+        """
         optimizer = instantiate(self.hparams.optimizer)(self.parameters())
         if not self.hparams.scheduler:
             return optimizer
-        scheduler = instantiate(self.hparams.scheduler)(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        settings = dict(self.hparams.scheduler)
+        interval = settings.pop("interval", "epoch")
+        if interval == "epoch":
+            scheduler = instantiate(settings)(optimizer)
+        elif interval == "step":
+            scheduler = instantiate(settings)(optimizer, total_steps=self.trainer.estimated_stepping_batches)
+        else:
+            raise EsclabError(f"scheduler.interval must be one of epoch, step; got {interval!r}")
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}

@@ -56,6 +56,14 @@ def fold_data(cfg: DictConfig, fold: int) -> FoldData:
     return data
 
 
+def build_classifier(cfg: DictConfig, data: FoldData) -> Classifier:
+    """The fold's module: network, optimizer, schedule, augmentation and loss as `cfg` names them."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    return Classifier(model=container["model"], n_classes=data.n_classes, input_shape=data.input_shape,
+                      optimizer=container["optimizer"], scheduler=container["scheduler"] or None,
+                      augment=container["augment"], label_smoothing=cfg.train.label_smoothing, feature_std=data.std)
+
+
 def train_fold(cfg: DictConfig, fold: int, tracker: Tracker) -> pd.DataFrame:
     """Fit on every fold but `fold`, predict `fold` with the best checkpoint; returns the predictions.
 
@@ -71,9 +79,7 @@ def train_fold(cfg: DictConfig, fold: int, tracker: Tracker) -> pd.DataFrame:
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     data = fold_data(cfg, fold)
-    container = OmegaConf.to_container(cfg, resolve=True)
-    module = Classifier(model=container["model"], n_classes=data.n_classes, input_shape=data.input_shape,
-                        optimizer=container["optimizer"], scheduler=container["scheduler"] or None)
+    module = build_classifier(cfg, data)
     work = Path(cfg.paths.models) / f".fold_{fold}"  # Lightning's own checkpoints while the fold trains
     resume = resume_point(work, tracker.key)
     monitor = cfg.train.monitor
@@ -88,8 +94,8 @@ def train_fold(cfg: DictConfig, fold: int, tracker: Tracker) -> pd.DataFrame:
 
     with tracker.fold_run(fold) as run_id:
         logger = MLFlowLogger(tracking_uri=tracker.uri, run_id=run_id, log_model=False)
-        trainer = L.Trainer(**container["trainer"], logger=logger, callbacks=callbacks, default_root_dir=work,
-                            enable_model_summary=False)
+        trainer = L.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), logger=logger, callbacks=callbacks,
+                            default_root_dir=work, enable_model_summary=False)
         trainer.fit(module, datamodule=data, ckpt_path=resume)
         best = Classifier.load_from_checkpoint(checkpoint.best_model_path, map_location="cpu")
         batches = trainer.predict(best, datamodule=data)

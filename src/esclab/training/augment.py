@@ -1,0 +1,133 @@
+"""Training-time augmentation of log-mel batches: gain, time shift, mixup, SpecAugment masks.
+
+`Classifier.training_step` applies it to each training batch after Lightning has
+moved the batch to the module's device, so it runs where the network runs and
+validation, test and prediction batches never pass through it. Each ingredient
+acts on every example with its own probability `p`, and draws its random numbers
+from torch's global generator on the batch's device: `EpochSeed` re-seeds that
+generator at the start of every epoch, so a resumed fold replays the same
+augmentations as an uninterrupted one.
+
+The inputs are log-mel spectrograms in dB, standardised with the training
+split's mean and std: 0 is the training mean and one unit is `std` dB. That is
+why a gain is an additive offset here, and why masks are filled with 0.
+
+Waveform-level augmentation (noise at a chosen SNR, pitch shift, time stretch,
+reverberation, Tokozume et al.'s between-class mixing of waveforms) is not
+possible at this point: training reads the log-mel feature cache and never the
+audio. It would need the features stage to cache augmented copies of each clip.
+"""
+
+from functools import partial
+
+import torch
+import torchaudio.transforms as T
+from torch import Tensor
+
+from esclab.errors import EsclabError
+
+
+def _chosen(x: Tensor, p: float) -> Tensor:
+    """True for each example of the batch with probability p, shaped to broadcast over x."""
+    return (torch.rand(x.shape[0], device=x.device) < p).view(-1, *[1] * (x.dim() - 1))
+
+
+class Gain:
+    """Louder or quieter clips: g dB, uniform in [-max_db, max_db], is an offset of g / std normalised units.
+
+    `std` is the training split's log-mel std in dB (1.0 when inputs are not
+    standardised, which leaves them in dB).
+    """
+
+    def __init__(self, *, p: float, max_db: float, std: float):
+        self.p, self.max_db, self.std = p, max_db, std
+
+    def __call__(self, x: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        chosen = _chosen(x, self.p)
+        db = (torch.rand(chosen.shape, device=x.device, dtype=x.dtype) * 2 - 1) * self.max_db
+        return x + db * chosen / self.std, targets
+
+
+class TimeShift:
+    """Roll each clip along time by up to max_fraction of its length either way.
+
+    What leaves one end re-enters at the other, so nothing is lost or padded.
+    """
+
+    def __init__(self, *, p: float, max_fraction: float):
+        self.p, self.max_fraction = p, max_fraction
+
+    def __call__(self, x: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        batch, frames = x.shape[0], x.shape[-1]
+        limit = int(self.max_fraction * frames)
+        shift = torch.randint(-limit, limit + 1, (batch,), device=x.device) * _chosen(x, self.p).view(batch)
+        source = (torch.arange(frames, device=x.device) - shift[:, None]) % frames  # as torch.roll, per example
+        return x.gather(-1, source.view(batch, *[1] * (x.dim() - 2), frames).expand_as(x)), targets
+
+
+class Mixup:
+    """Zhang et al. (2018): a chosen clip becomes lam * itself + (1 - lam) * another clip of the batch.
+
+    lam ~ Beta(alpha, alpha) per example, and the target is the same mix of the two
+    targets, so targets stay probability vectors. Mixing log-mels is not mixing the
+    sounds (the log of a sum is not a sum of logs); it is mixup as done on images.
+    """
+
+    def __init__(self, *, p: float, alpha: float):
+        if alpha <= 0:
+            raise EsclabError(f"augment.mixup.alpha must be positive, got {alpha}")
+        self.p, self.alpha = p, alpha
+
+    def __call__(self, x: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        batch = x.shape[0]
+        alpha = torch.tensor(float(self.alpha), device=x.device)
+        lam = torch.distributions.Beta(alpha, alpha).sample((batch,))
+        lam = torch.where(_chosen(lam, self.p), lam, 1.0)
+        partner = torch.randperm(batch, device=x.device)
+        weight = lam.to(x.dtype).view(-1, *[1] * (x.dim() - 1))
+        mixed = weight * x + (1 - weight) * x[partner]
+        weight = lam.to(targets.dtype)[:, None]
+        return mixed, weight * targets + (1 - weight) * targets[partner]
+
+
+class SpecAugment:
+    """Park et al. (2019): n_masks bands of up to freq_mask mel bins and n_masks spans of up to time_mask frames.
+
+    Every clip gets its own masks (iid), filled with 0, the training mean.
+    """
+
+    def __init__(self, *, p: float, freq_mask: int, time_mask: int, n_masks: int):
+        self.p = p
+        self.masks = ([T.FrequencyMasking(freq_mask, iid_masks=True)] * n_masks
+                      + [T.TimeMasking(time_mask, iid_masks=True)] * n_masks)
+
+    def __call__(self, x: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        masked = x
+        for mask in self.masks:
+            masked = mask(masked)
+        return torch.where(_chosen(x, self.p), masked, x), targets
+
+
+class Augment:
+    """The configured ingredients (augment.<name>: its settings) in a fixed order; with none, batches pass untouched.
+
+    The order: gain and shift change each clip, mixup then mixes the changed
+    clips, and SpecAugment masks last, so a mask hides the same region of both
+    mixed clips.
+    """
+
+    def __init__(self, settings: dict, *, std: float = 1.0):
+        ingredients = {"gain": partial(Gain, std=std), "shift": TimeShift, "mixup": Mixup, "specaugment": SpecAugment}
+        unknown = sorted(set(settings) - set(ingredients))
+        if unknown:
+            raise EsclabError(f"augment.{unknown[0]} is not an augmentation: must be one of {', '.join(ingredients)}")
+        for name, values in settings.items():
+            if not 0 <= values["p"] <= 1:
+                raise EsclabError(f"augment.{name}.p must be a probability between 0 and 1, got {values['p']}")
+        self.steps = [make(**settings[name]) for name, make in ingredients.items() if name in settings]
+
+    def __call__(self, x: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """A batch (B x 1 x mels x frames) and its targets (B x classes, probabilities), augmented."""
+        for step in self.steps:
+            x, targets = step(x, targets)
+        return x, targets
