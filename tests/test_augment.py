@@ -113,7 +113,7 @@ def test_gain_is_an_offset_of_decibels_over_the_training_std(tiny_data, tmp_path
 
 
 def test_augmentation_replays_from_the_global_seed():
-    """EpochSeed re-seeds torch every epoch, so a resumed epoch draws the same augmentations."""
+    """BatchSeed re-seeds torch before every batch, so a resumed epoch draws the same augmentations."""
     x, targets = a_batch()
     strong = Augment(settings("strong"))
     runs = []

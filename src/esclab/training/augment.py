@@ -4,8 +4,8 @@
 moved the batch to the module's device, so it runs where the network runs and
 validation, test and prediction batches never pass through it. Each ingredient
 acts on every example with its own probability `p`, and draws its random numbers
-from torch's global generator on the batch's device: `EpochSeed` re-seeds that
-generator at the start of every epoch, so a resumed fold replays the same
+from torch's global generator on the batch's device: `BatchSeed` re-seeds that
+generator before every training batch, so a resumed fold replays the same
 augmentations as an uninterrupted one.
 
 The inputs are log-mel spectrograms in dB, standardised with the training
