@@ -37,7 +37,13 @@ test: setup
 params: setup
 	python -m esclab.params $(ARGS)
 
-## bench: features-stage and training-step throughput (prints, writes reports/bench/*.json)
+# Benchmark sizes that finish in minutes on 2 CPU cores; a GPU takes the full ones, e.g.
+#   make bench BENCH_STEP= BENCH_CV="trainer=gpu_fast train.channels_last=true"
+BENCH_STEP ?= --n-mels 64 --frames 128 --steps 10 --threads 1
+BENCH_CV   ?= --clips-per-class 5 --folds 1 --epochs 2
+
+## bench: features stage, training step, 5-fold wall-clock (prints, writes reports/bench/*.json)
 bench: setup
 	python bench/features.py
-	python bench/train_step.py
+	python bench/train_step.py $(BENCH_STEP)
+	python bench/cv_wallclock.py $(BENCH_CV)

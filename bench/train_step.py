@@ -1,16 +1,25 @@
-"""Training throughput: the Lightning loop against a plain PyTorch loop, same model, data and batch.
+"""Training throughput: the Lightning loop against a plain PyTorch loop, and what each fast-path switch adds.
 
-Both loops train the same freshly initialised network on the same in-memory
-batches (random log-mels of the configured shape) with Adam and cross-entropy;
-each is warmed up first, then timed over the same number of steps. Prints a
-table and writes JSON.
+Both loops train the same freshly initialised cnn4 on the same batches (random
+log-mels of the configured shape) with Adam and cross-entropy, once per variant:
 
-    python bench/train_step.py [--n-mels 128 --frames 431 --batch-size 16 --steps 20]
+    fp32           the default: float32, each batch copied from host memory
+    resident       batches sliced from a tensor already on the device (train.resident)
+    bf16-mixed     bf16 autocast (trainer.precision=bf16-mixed)
+    channels_last  NHWC weights (train.channels_last)
+    compiled       torch.compile (train.compile)
+    fast           all of the above at once (trainer=gpu_fast train.channels_last=true train.compile=true)
+
+Each (variant, loop) pair is warmed up first (compilation included), then timed
+over the same number of steps. Prints a table and writes JSON.
+
+    python bench/train_step.py [--n-mels 128 --frames 431 --batch-size 16 --steps 20 --variants fp32,bf16-mixed]
 """
 
 import argparse
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -20,17 +29,39 @@ from report import report
 from torch.utils.data import DataLoader, TensorDataset
 
 from esclab.models import build_model
+from esclab.training.data import ResidentBatches
 from esclab.training.module import Classifier
+from esclab.training.run import speed_up
 
 MODEL = {"name": "cnn4"}
 OPTIMIZER = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-4}
 
 
-def batches(args, device) -> DataLoader:
+@dataclass(frozen=True)
+class Variant:
+    resident: bool = False
+    precision: str = "32-true"  # a lightning.Trainer precision
+    channels_last: bool = False
+    compile: bool = False
+
+
+VARIANTS = {
+    "fp32": Variant(),
+    "resident": Variant(resident=True),
+    "bf16-mixed": Variant(precision="bf16-mixed"),
+    "channels_last": Variant(channels_last=True),
+    "compiled": Variant(compile=True),
+    "fast": Variant(resident=True, precision="bf16-mixed", channels_last=True, compile=True),
+}
+
+
+def batches(args, device, resident: bool) -> DataLoader | ResidentBatches:
     g = torch.Generator().manual_seed(0)
     n = args.batch_size * (args.warmup + args.steps)
     x = torch.randn(n, 1, args.n_mels, args.frames, generator=g)
     y = torch.randint(0, args.classes, (n,), generator=g)
+    if resident:
+        return ResidentBatches(x.to(device), y.to(device), torch.arange(n), args.batch_size)
     return DataLoader(TensorDataset(x, y, torch.arange(n)), batch_size=args.batch_size)
 
 
@@ -39,18 +70,20 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def plain_loop(args, device) -> float:
+def plain_loop(args, device, v: Variant) -> float:
     """Samples/s of the textbook loop: forward, loss, backward, step."""
     torch.manual_seed(0)
     model = build_model("cnn4", n_classes=args.classes, input_shape=(args.n_mels, args.frames)).to(device)
+    speed_up(model, channels_last=v.channels_last, compile=v.compile)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     model.train()
-    for step, (x, y, _) in enumerate(batches(args, device)):
+    for step, (x, y, _) in enumerate(batches(args, device, v.resident)):
         if step == args.warmup:
             sync(device)
             start = time.perf_counter()
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        loss = F.cross_entropy(model(x), y)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=v.precision == "bf16-mixed"):
+            loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -72,16 +105,17 @@ class StepTimer(L.Callback):
         self.end = time.perf_counter()
 
 
-def lightning_loop(args, device) -> float:
+def lightning_loop(args, device, v: Variant) -> float:
     """Samples/s of esclab's Classifier under lightning.Trainer, logging and metrics included."""
     torch.manual_seed(0)
     module = Classifier(model=MODEL, n_classes=args.classes, input_shape=(args.n_mels, args.frames),
                         optimizer=OPTIMIZER)
+    speed_up(module.model, channels_last=v.channels_last, compile=v.compile)
     timer = StepTimer(args.warmup)
-    trainer = L.Trainer(max_epochs=1, accelerator=device.type, devices=1, logger=False,
+    trainer = L.Trainer(max_epochs=1, accelerator=device.type, devices=1, precision=v.precision, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[timer], num_sanity_val_steps=0)
-    trainer.fit(module, train_dataloaders=batches(args, device))
+    trainer.fit(module, train_dataloaders=batches(args, device, v.resident))
     return args.steps * args.batch_size / (timer.end - timer.start)
 
 
@@ -91,21 +125,38 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=431, help="431 = 5 s at 44.1 kHz, hop 512")
     parser.add_argument("--classes", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (a compiled variant compiles here)")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of: {', '.join(VARIANTS)}")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch; default: torch's. 1 steadies the numbers on a shared machine")
     parser.add_argument("--out", type=Path, default=Path("reports/bench/train_step.json"))
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = args.variants.split(",")
+    if unknown := set(names) - set(VARIANTS):
+        parser.error(f"--variants: unknown {', '.join(sorted(unknown))}; choose from {', '.join(VARIANTS)}")
     device = torch.device(args.device)
 
-    plain = plain_loop(args, device)
-    lightning = lightning_loop(args, device)
+    rows = []
+    for name in names:
+        plain, lightning = plain_loop(args, device, VARIANTS[name]), lightning_loop(args, device, VARIANTS[name])
+        rows.append({"variant": name, "plain_samples_per_s": round(plain, 2),
+                     "lightning_samples_per_s": round(lightning, 2),
+                     "lightning_over_plain": round(lightning / plain, 3)})
+    if "fp32" in names:
+        base = rows[names.index("fp32")]
+        for row in rows:
+            row["lightning_over_fp32"] = round(row["lightning_samples_per_s"] / base["lightning_samples_per_s"], 3)
     result = {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.machine()}, "
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()}, "
                   f"{torch.get_num_threads()} threads)",
-        "input": [1, args.n_mels, args.frames], "batch_size": args.batch_size, "timed_steps": args.steps,
-        "plain_samples_per_s": round(plain, 2), "lightning_samples_per_s": round(lightning, 2),
-        "lightning_over_plain": round(lightning / plain, 3),
+        "torch": torch.__version__,
+        "input": [1, args.n_mels, args.frames], "batch_size": args.batch_size,
+        "warmup_steps": args.warmup, "timed_steps": args.steps,
+        "variants": rows,
     }
     report(result, args.out)
 

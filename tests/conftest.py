@@ -27,17 +27,21 @@ def raw(tiny_tree, tmp_path) -> Path:
 TINY_FEATURES = dict(sample_rate=16000, duration=1.0, n_fft=512, hop_length=128, n_mels=32)
 
 
-@pytest.fixture(scope="session")
-def tiny_data(tiny_tree, tmp_path_factory) -> dict[str, Path]:
-    """The tiny dataset taken through split and features: the paths.* a training run reads."""
+def split_and_features(tree: Path, root: Path, n_folds: int = 5) -> dict[str, Path]:
+    """A tiny dataset's tree taken through split and features into `root`: the paths.* a training run reads."""
     from esclab.data.features import LogMelSettings, write_features
     from esclab.data.split import write_split
 
-    root = tmp_path_factory.mktemp("tiny_data")
     split = root / "split.csv"
-    write_split(tiny_tree, split, n_classes=TINY["n_classes"], n_folds=5, esc10_only=False)
+    write_split(tree, split, n_classes=TINY["n_classes"], n_folds=n_folds, esc10_only=False)
     features = write_features(split, root / "features", LogMelSettings(**TINY_FEATURES), device="cpu", num_workers=0)
-    return {"raw": tiny_tree, "split": split, "features": features}
+    return {"raw": tree, "split": split, "features": features}
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tiny_tree, tmp_path_factory) -> dict[str, Path]:
+    """The tiny dataset taken through split and features."""
+    return split_and_features(tiny_tree, tmp_path_factory.mktemp("tiny_data"))
 
 
 def compose_config(*overrides: str):

@@ -62,6 +62,7 @@ RULES: dict[str, Rule] = {
     "train.val_fold": Rule(int, nullable=True),
     "train.early_stopping_patience": Rule(int, nullable=True),
     "train.label_smoothing": Rule(float, at_low=True, high=1),
+    "train.parallel_folds": POSITIVE_INT,
     "trainer.max_epochs": POSITIVE_INT,
     "trainer.gradient_clip_val": Rule(float, nullable=True),
     "evaluate.top_k": POSITIVE_INT,

@@ -2,9 +2,11 @@
 
 One cross-validation is one parent run; each fold is a child run under it. The
 fold stages run as separate processes, so a fold finds its parent by a key: a
-hash of the resolved config without `fold` plus the data hashes. Rerunning a
-fold therefore joins the same parent (and the same child) instead of starting
-a new experiment, and two runs on different data never share a parent.
+hash of the resolved config without `fold` and `train.parallel_folds` (which
+say which folds run and how many at once, not what a fold computes) plus the
+data hashes. Rerunning a fold therefore joins the same parent (and the same
+child) instead of starting a new experiment, and two runs on different data
+never share a parent.
 
 Data hashes are DVC's own md5s (dvc_data computes them exactly as `dvc.lock`
 records them), so an MLflow run can be matched to a `dvc.lock` entry.
@@ -99,6 +101,7 @@ class Tracker:
         self.tags = data_tags(cfg.paths) | git_tags()
         without_fold = OmegaConf.to_container(cfg, resolve=True)
         without_fold.pop("fold")
+        without_fold["train"].pop("parallel_folds")
         identity = json.dumps([without_fold, {k: v for k, v in self.tags.items() if k.startswith("data.")}],
                               sort_keys=True)
         self.key = hashlib.sha256(identity.encode()).hexdigest()[:16]

@@ -4,9 +4,15 @@ For test fold k the other folds train. Validation is carved out of them (grouped
 by source recording, so two takes of one recording never sit on both sides) or
 is a named other fold; the test fold never reaches the training or validation
 loaders, and normalisation statistics come from the training rows only.
+
+Batches reach the network one of two ways, with the same (x, label, row) triples
+in the same order: a DataLoader over the memory-mapped cache (the CPU path), or
+slices of one tensor that holds every row on the training device (`resident`,
+the GPU path: no host-to-device copy and no loader overhead per step).
 """
 
 import json
+import math
 from pathlib import Path
 
 import lightning as L
@@ -43,6 +49,39 @@ class LogMelRows(Dataset):
         return ((x - self.mean) / self.std).unsqueeze(0), int(self.labels[row]), row
 
 
+class ResidentBatches:
+    """Batches cut from rows that already live on the training device, in the order a DataLoader would give them.
+
+    Lightning takes any iterable with a length as a loader and never rebuilds one
+    that is not a DataLoader; it calls `set_epoch` on `sampler`, so an
+    `EpochShuffle` there orders every epoch as the DataLoader path does.
+    """
+
+    batch_sampler = None  # Lightning's shuffle check reads `batch_sampler` wherever it finds `sampler`
+
+    def __init__(self, x: torch.Tensor, labels: torch.Tensor, rows: np.ndarray, batch_size: int,
+                 sampler: Sampler[int] | None = None):
+        self.x, self.labels, self.batch_size, self.sampler = x, labels, batch_size, sampler
+        self.rows = torch.as_tensor(rows, dtype=torch.int64, device=x.device)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.rows) / self.batch_size)
+
+    def __iter__(self):
+        # `iter(DataLoader)` draws one number from the global generator (its workers' base seed); drawing it at the
+        # same moment gives dropout and augmentations the same random numbers on both paths.
+        torch.empty((), dtype=torch.int64).random_()
+        return self._batches()
+
+    def _batches(self):
+        """Read the sampler at the first batch, not at `iter`: Lightning sets the epoch in between."""
+        order = self.rows
+        if self.sampler is not None:
+            order = order[torch.tensor(list(self.sampler), device=order.device)]
+        for rows in order.split(self.batch_size):
+            yield self.x[rows], self.labels[rows], rows
+
+
 class EpochShuffle(Sampler[int]):
     """A new order every epoch, fixed by (seed, epoch); Lightning calls `set_epoch` before each."""
 
@@ -75,7 +114,8 @@ class FoldData(L.LightningDataModule):
     """Train/validation/test loaders for one test fold of the cross-validation."""
 
     def __init__(self, features_dir: str | Path, *, test_fold: int, batch_size: int = 16, num_workers: int = 0,
-                 val_fraction: float = 0.2, val_fold: int | None = None, normalize: str = "global", seed: int = 0):
+                 val_fraction: float = 0.2, val_fold: int | None = None, normalize: str = "global", seed: int = 0,
+                 resident: bool | str = "auto"):
         super().__init__()
         self.features_dir = Path(features_dir)
         self.test_fold, self.val_fold, self.val_fraction = test_fold, val_fold, val_fraction
@@ -84,7 +124,10 @@ class FoldData(L.LightningDataModule):
             raise EsclabError(f"train.normalize must be one of global, none; got {normalize!r}")
         if batch_size <= 0:
             raise EsclabError(f"train.batch_size must be a positive integer, got {batch_size}")
-        self.normalize = normalize
+        if not (isinstance(resident, bool) or resident == "auto"):
+            raise EsclabError(f"train.resident must be one of auto, true, false; got {resident!r}")
+        self.normalize, self.resident = normalize, resident
+        self._on_device: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def setup(self, stage: str | None = None) -> None:
         self.index = pd.read_csv(self.features_dir / "index.csv")
@@ -135,19 +178,40 @@ class FoldData(L.LightningDataModule):
     def input_shape(self) -> tuple[int, int]:
         return tuple(self.array.shape[1:])
 
-    def _loader(self, rows: np.ndarray, shuffle: bool) -> DataLoader:
-        dataset = LogMelRows(self.features_dir / "logmel.npy", self.index["label"].to_numpy(), rows, self.mean, self.std)
+    @property
+    def device(self) -> torch.device:
+        """Where the attached trainer trains; the CPU when no trainer holds this data."""
+        return self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+
+    def resident_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every row of the cache, normalised as `LogMelRows` does it, and every label, on `device`; loaded once.
+
+        The float16 cache is copied as it is and widened on the device, which halves the copy.
+        """
+        device = self.device
+        if self._on_device is None or self._on_device[0].device != device:
+            self._on_device = None  # let the old copy go before the new one is made
+            x = torch.from_numpy(np.ascontiguousarray(self.array)).to(device).float()
+            x.sub_(self.mean).div_(self.std)
+            labels = torch.as_tensor(self.index["label"].to_numpy(), dtype=torch.int64, device=device)
+            self._on_device = x.unsqueeze(1), labels
+        return self._on_device
+
+    def _loader(self, rows: np.ndarray, shuffle: bool) -> DataLoader | ResidentBatches:
         sampler = EpochShuffle(len(rows), self.seed) if shuffle else None
+        if self.resident is True or (self.resident == "auto" and self.device.type != "cpu"):
+            return ResidentBatches(*self.resident_rows(), rows, self.batch_size, sampler)
+        dataset = LogMelRows(self.features_dir / "logmel.npy", self.index["label"].to_numpy(), rows, self.mean, self.std)
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader | ResidentBatches:
         return self._loader(self.train_rows, shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | ResidentBatches:
         return self._loader(self.val_rows, shuffle=False)
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> DataLoader | ResidentBatches:
         return self._loader(self.test_rows, shuffle=False)
 
     predict_dataloader = test_dataloader

@@ -5,13 +5,16 @@ it directly. For each test fold it fits on the other folds, keeps the checkpoint
 with the best validation score, predicts the test fold with it and writes
 `models/fold_<k>.ckpt`, `reports/folds/<k>/predictions.csv`, `history.csv` and
 `fold.json` (the run key that says which config and data made them).
-A whole cross-validation (fold=null) also pools the folds into `reports/`.
+A whole cross-validation (fold=null) also pools the folds into `reports/`; with
+`train.parallel_folds` > 1 its folds train that many at a time, each in its own process.
 """
 
 import json
 import logging
 import shutil
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
+from multiprocessing import get_context
 from pathlib import Path
 
 import lightning as L
@@ -51,17 +54,36 @@ class Probabilities(torch.nn.Module):
 def fold_data(cfg: DictConfig, fold: int) -> FoldData:
     t = cfg.train
     data = FoldData(cfg.paths.features, test_fold=fold, batch_size=t.batch_size, num_workers=t.num_workers,
-                    val_fraction=t.val_fraction, val_fold=t.val_fold, normalize=t.normalize, seed=cfg.seed)
+                    val_fraction=t.val_fraction, val_fold=t.val_fold, normalize=t.normalize, seed=cfg.seed,
+                    resident=t.resident)
     data.setup()
     return data
 
 
+def speed_up(network: torch.nn.Module, *, channels_last: bool = False, compile: bool = False) -> torch.nn.Module:
+    """The fast path's switches on a network, in place; its weights keep their names and values.
+
+    channels_last converts the weights only: the input has one channel, and a
+    (batch, 1, mels, frames) tensor already is channels_last in memory, so the
+    first convolution's output and every layer after it follow the weights.
+    `compile` uses `nn.Module.compile`, which keeps the state dict's keys, so the
+    checkpoints load into a network that was not compiled.
+    """
+    if channels_last:
+        network.to(memory_format=torch.channels_last)
+    if compile:
+        network.compile()
+    return network
+
+
 def build_classifier(cfg: DictConfig, data: FoldData) -> Classifier:
-    """The fold's module: network, optimizer, schedule, augmentation and loss as `cfg` names them."""
+    """The fold's module: network, optimizer, schedule, augmentation, loss and fast-path switches as `cfg` names them."""
     container = OmegaConf.to_container(cfg, resolve=True)
-    return Classifier(model=container["model"], n_classes=data.n_classes, input_shape=data.input_shape,
-                      optimizer=container["optimizer"], scheduler=container["scheduler"] or None,
-                      augment=container["augment"], label_smoothing=cfg.train.label_smoothing, feature_std=data.std)
+    module = Classifier(model=container["model"], n_classes=data.n_classes, input_shape=data.input_shape,
+                        optimizer=container["optimizer"], scheduler=container["scheduler"] or None,
+                        augment=container["augment"], label_smoothing=cfg.train.label_smoothing, feature_std=data.std)
+    speed_up(module.model, channels_last=cfg.train.channels_last, compile=cfg.train.compile)
+    return module
 
 
 def train_fold(cfg: DictConfig, fold: int, tracker: Tracker) -> pd.DataFrame:
@@ -98,6 +120,8 @@ def train_fold(cfg: DictConfig, fold: int, tracker: Tracker) -> pd.DataFrame:
                             default_root_dir=work, enable_model_summary=False)
         trainer.fit(module, datamodule=data, ckpt_path=resume)
         best = Classifier.load_from_checkpoint(checkpoint.best_model_path, map_location="cpu")
+        # Not compiled: compiling pays off over many training steps, not over one pass of the test fold.
+        speed_up(best.model, channels_last=cfg.train.channels_last)
         batches = trainer.predict(best, datamodule=data)
         rows = torch.cat([r for r, _ in batches]).numpy()
         probs = torch.cat([p for _, p in batches]).numpy()
@@ -150,12 +174,44 @@ def train(cfg: DictConfig) -> dict | None:
     n_folds = cfg.dataset.n_folds
     if cfg.fold is not None and cfg.fold not in range(1, n_folds + 1):
         raise EsclabError(f"fold={cfg.fold} is not a fold: use 1..{n_folds}, or fold=null for all of them")
+    parallel = cfg.train.parallel_folds
+    if not (isinstance(parallel, int) and parallel >= 1):
+        raise EsclabError(f"train.parallel_folds must be a positive integer (1: one fold after another), "
+                          f"got {parallel!r}")
     check_cache(Path(cfg.paths.features), asdict(LogMelSettings.from_config(cfg.features)))
-    tracker = Tracker(cfg)
-    folds = [cfg.fold] if cfg.fold is not None else range(1, n_folds + 1)
-    for fold in folds:
-        train_fold(cfg, fold, tracker)
-    return None if cfg.fold is not None else evaluate(cfg, tracker)
+    tracker = Tracker(cfg)  # creates the parent run before any fold process looks for it
+    if cfg.fold is not None:
+        train_fold(cfg, cfg.fold, tracker)
+        return None
+    folds = range(1, n_folds + 1)
+    if parallel == 1:
+        for fold in folds:
+            train_fold(cfg, fold, tracker)
+    else:
+        train_folds_in_processes(cfg, folds, parallel)
+    return evaluate(cfg, tracker)
+
+
+def train_folds_in_processes(cfg: DictConfig, folds: range, processes: int) -> None:
+    """Train `processes` folds at a time, each in a fresh process; a fold's outputs are those of the plain loop.
+
+    `train_fold` seeds everything itself, so where a fold runs does not change
+    its numbers. The processes are spawned, not forked: a forked child cannot use
+    CUDA once the parent has. A process ends with its fold, which hands its GPU
+    memory back. Each opens its own Tracker, which finds the parent run by its
+    key. A failed fold fails the run after the others have finished (rerunning
+    then trains only the folds that did not finish).
+    """
+    spawn = get_context("spawn")
+    with ProcessPoolExecutor(min(processes, len(folds)), mp_context=spawn, max_tasks_per_child=1) as pool:
+        for future in [pool.submit(train_fold_alone, cfg, fold) for fold in folds]:
+            future.result()
+
+
+def train_fold_alone(cfg: DictConfig, fold: int) -> None:
+    """One fold in a process of its own (the parent's logging setup does not reach a spawned process)."""
+    logging.basicConfig(level=logging.INFO, format=f"[fold {fold}] %(name)s: %(message)s")
+    train_fold(cfg, fold, Tracker(cfg))
 
 
 def evaluate(cfg: DictConfig, tracker: Tracker | None = None) -> dict:
