@@ -68,13 +68,11 @@ class ResidentBatches:
         return math.ceil(len(self.rows) / self.batch_size)
 
     def __iter__(self):
-        # `iter(DataLoader)` draws one number from the global generator (its workers' base seed); drawing it at the
-        # same moment gives dropout and augmentations the same random numbers on both paths.
-        torch.empty((), dtype=torch.int64).random_()
-        return self._batches()
+        """Read the sampler at the first batch, not at `iter`: Lightning sets the epoch in between.
 
-    def _batches(self):
-        """Read the sampler at the first batch, not at `iter`: Lightning sets the epoch in between."""
+        Unlike `iter(DataLoader)` this draws nothing from the global generator; dropout and
+        augmentations still match the DataLoader path because BatchSeed re-seeds before every batch.
+        """
         order = self.rows
         if self.sampler is not None:
             order = order[torch.tensor(list(self.sampler), device=order.device)]
