@@ -156,6 +156,16 @@ def test_connection_refused_gives_up_after_retries_with_backoff(closed_port_url,
     assert waits == [0.01, 0.02, 0.04]
 
 
+def test_unresolvable_host_names_the_url_and_the_offline_settings(tmp_path, monkeypatch):
+    monkeypatch.setattr(download.time, "sleep", lambda s: None)
+    url = "http://esclab-no-such-host.invalid/ESC-50-master.zip"  # .invalid never resolves (RFC 6761)
+    with pytest.raises(EsclabError) as err:
+        fetch(url, tmp_path / "a.zip", retries=1, **FAST)
+    message = str(err.value)
+    assert url in message and "dataset.archive=" in message and "\n" not in message
+    assert not (tmp_path / "a.zip").exists()
+
+
 @pytest.mark.parametrize("field", ["sha256", "size"])
 def test_checksum_or_size_mismatch_names_both_values_and_unpacks_nothing(site, tmp_path, field):
     server, archive = site
