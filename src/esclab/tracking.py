@@ -16,8 +16,8 @@ import hashlib
 import json
 import os
 import subprocess
-import time
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
