@@ -174,21 +174,17 @@ def train(cfg: DictConfig) -> dict | None:
     n_folds = cfg.dataset.n_folds
     if cfg.fold is not None and cfg.fold not in range(1, n_folds + 1):
         raise EsclabError(f"fold={cfg.fold} is not a fold: use 1..{n_folds}, or fold=null for all of them")
-    parallel = cfg.train.parallel_folds
-    if not (isinstance(parallel, int) and parallel >= 1):
-        raise EsclabError(f"train.parallel_folds must be a positive integer (1: one fold after another), "
-                          f"got {parallel!r}")
     check_cache(Path(cfg.paths.features), asdict(LogMelSettings.from_config(cfg.features)))
     tracker = Tracker(cfg)  # creates the parent run before any fold process looks for it
     if cfg.fold is not None:
         train_fold(cfg, cfg.fold, tracker)
         return None
     folds = range(1, n_folds + 1)
-    if parallel == 1:
+    if cfg.train.parallel_folds == 1:  # a positive integer: esclab.config checks it
         for fold in folds:
             train_fold(cfg, fold, tracker)
     else:
-        train_folds_in_processes(cfg, folds, parallel)
+        train_folds_in_processes(cfg, folds, cfg.train.parallel_folds)
     return evaluate(cfg, tracker)
 
 
