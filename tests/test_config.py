@@ -28,6 +28,8 @@ def test_defaults_and_every_experiment_pass():
     ("trainer.max_epochs=ten", r"trainer.max_epochs='ten'"),
     ("seed=true", r"seed=True is not valid: it must be an integer >= 0"),
     ("fold=first", r"fold='first' is not valid: it must be an integer > 0 or null"),
+    ("train.parallel_folds=0", r"train.parallel_folds=0 is not valid: it must be an integer > 0"),
+    ("train.label_smoothing=1.0", r"train.label_smoothing=1.0 is not valid: it must be a number >= 0 and < 1"),
 ])
 def test_wrong_type_or_range_names_the_key(override, message):
     with pytest.raises(EsclabError, match=message):
