@@ -11,16 +11,21 @@ from esclab.data.synthetic import write_tree
 REPO = Path(__file__).resolve().parents[1]
 
 
+ORIGINAL_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
+
+
 @pytest.fixture(autouse=True)
 def tracking_uri_stays_in_its_test():
     """mlflow.set_tracking_uri also exports $MLFLOW_TRACKING_URI, which a later test's subprocesses
-    (`dvc repro` in test_pipeline.py) would inherit and log into another test's store."""
-    before = os.environ.get("MLFLOW_TRACKING_URI")
+    (`dvc repro` in test_pipeline.py) would inherit and log into another test's store. Restored to
+    what pytest started with, since module fixtures that train set it before a test begins."""
     yield
-    if before is None:
+    if ORIGINAL_TRACKING_URI is None:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
-        os.environ["MLFLOW_TRACKING_URI"] = before
+        os.environ["MLFLOW_TRACKING_URI"] = ORIGINAL_TRACKING_URI
+
+
 # Small enough to be quick, shaped like ESC-50: every class in every fold.
 TINY = dict(n_classes=5, clips_per_class=5, duration=1.0, sample_rate=16000, seed=0)
 

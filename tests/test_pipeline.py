@@ -24,7 +24,9 @@ SMALL_FEATURES = ["features.sample_rate=16000", "features.duration=1.0", "featur
 
 
 def run(repo: Path, *cmd: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    # The stages log to the repo's own sqlite:///mlflow.db, whatever an earlier in-process run exported.
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PATH"] = f"{BIN}{os.pathsep}{os.environ['PATH']}"
     return subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
 
 
