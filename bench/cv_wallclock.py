@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
-from report import report
+from report import parse_args, report
 from torch.utils.flop_counter import FlopCounterMode
 
 from esclab.data.features import LogMelSettings, write_features
@@ -95,12 +95,7 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=5, help="train the first k folds (all: the pooled run)")
     parser.add_argument("--epochs", type=int, default=None, help="epochs per fold; default: the recipe's")
     parser.add_argument("--clips-per-class", type=int, default=ESC50_CLIPS_PER_CLASS, help="40 is ESC-50's size")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch; default: torch's. 1 steadies the numbers on a shared machine")
-    parser.add_argument("--out", type=Path, default=Path("reports/bench/cv_wallclock.json"))
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_args(parser, "cv_wallclock")
     recipe = args.recipe.split() + args.overrides
     full = config(recipe)
     n_folds, full_epochs = full.dataset.n_folds, full.trainer.max_epochs

@@ -16,7 +16,7 @@ from pathlib import Path
 import librosa
 import torch
 
-from report import report
+from report import parse_args, report
 
 from esclab.data.features import LogMelSettings, write_features
 from esclab.data.split import write_split
@@ -40,8 +40,7 @@ def timed(fn) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clips-per-class", type=int, default=10, help="x 50 classes; 40 is ESC-50's size")
-    parser.add_argument("--out", type=Path, default=Path("reports/bench/features.json"))
-    args = parser.parse_args()
+    args = parse_args(parser, "features", threads=False)
     settings = LogMelSettings()  # the ESC-50 defaults: 44.1 kHz, 5 s, 128 mels
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,9 +1,25 @@
-"""What every benchmark ends with: the result as a table on stdout and as JSON on disk."""
+"""What every benchmark shares: its --out (and --threads) options, and its ending, the result as a
+table on stdout and as JSON on disk."""
 
+import argparse
 import json
 from pathlib import Path
 
 import pandas as pd
+
+
+def parse_args(parser: argparse.ArgumentParser, name: str, *, threads: bool = True) -> argparse.Namespace:
+    """Add --out (reports/bench/<name>.json) and, for benchmarks that train, --threads; parse; apply --threads."""
+    if threads:
+        parser.add_argument("--threads", type=int, default=None,
+                            help="CPU threads for torch; default: torch's. 1 steadies the numbers on a shared machine")
+    parser.add_argument("--out", type=Path, default=Path(f"reports/bench/{name}.json"))
+    args = parser.parse_args()
+    if threads and args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    return args
 
 
 def report(result: dict, out: Path) -> None:

@@ -20,12 +20,11 @@ import argparse
 import platform
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from report import report
+from report import parse_args, report
 from torch.utils.data import DataLoader, TensorDataset
 
 from esclab.models import build_model
@@ -129,12 +128,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of: {', '.join(VARIANTS)}")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch; default: torch's. 1 steadies the numbers on a shared machine")
-    parser.add_argument("--out", type=Path, default=Path("reports/bench/train_step.json"))
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_args(parser, "train_step")
     names = args.variants.split(",")
     if unknown := set(names) - set(VARIANTS):
         parser.error(f"--variants: unknown {', '.join(sorted(unknown))}; choose from {', '.join(VARIANTS)}")
