@@ -102,6 +102,24 @@ def test_each_ingredient_changes_a_batch_at_probability_one_and_not_at_zero(name
     assert torch.equal(kept, x)
 
 
+@pytest.mark.parametrize("mels, frames", [(32, 126), (128, 431)])
+def test_specaugment_masks_the_same_share_of_any_input_size(mels, frames):
+    """At most freq_mask of the bins and time_mask of the frames per mask, whatever the input's size."""
+    x = torch.randn(64, 1, mels, frames, generator=torch.Generator().manual_seed(0)) + 10  # no zeros but the masks
+    torch.manual_seed(0)
+    spec = {"p": 1.0, "freq_mask": 0.25, "time_mask": 0.1, "n_masks": 1}
+    masked, _ = Augment({"specaugment": spec})(x, x.new_zeros(64, 2))
+    hidden = masked[:, 0] == 0
+    bands, spans = hidden.all(dim=2).sum(dim=1), hidden.all(dim=1).sum(dim=1)  # per clip: whole rows, whole columns
+    assert bands.max() <= int(0.25 * mels) and spans.max() <= int(0.1 * frames)
+    assert bands.max() >= int(0.25 * mels) // 2 and spans.max() >= int(0.1 * frames) // 2  # and they are that wide
+
+
+def test_specaugment_refuses_widths_that_are_not_fractions():
+    with pytest.raises(EsclabError, match=r"augment\.specaugment\.time_mask is a fraction of the input .* got 48"):
+        Augment({"specaugment": {"p": 1.0, "freq_mask": 0.1, "time_mask": 48, "n_masks": 2}})
+
+
 def test_gain_is_an_offset_of_decibels_over_the_training_std(tiny_data, tmp_path):
     x, targets = a_batch()
     out, _ = Augment({"gain": {"p": 1.0, "max_db": 6.0}}, std=20.0)(x, targets)

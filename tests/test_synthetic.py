@@ -104,11 +104,12 @@ def test_same_arguments_same_bytes_other_seed_other_bytes(tmp_path):
     assert sha256(other) != sha256(first)
 
 
-def test_classes_are_separable_by_mean_log_mel(tree, meta):
-    """Leave-one-out nearest centroid on each clip's mean log-mel: identical classes would score ~0.2.
+def nearest_centroid_accuracy(tree) -> float:
+    """Leave-one-out nearest centroid on each clip's mean log-mel: identical classes would score ~1/n_classes.
 
     Each clip's own mean is taken off, so its random gain does not count as a difference.
     """
+    meta = pd.read_csv(tree / "meta" / "esc50.csv")
     features = []
     for name in meta["filename"]:
         audio, rate = sf.read(tree / "audio" / name, dtype="float32")
@@ -121,7 +122,19 @@ def test_classes_are_separable_by_mean_log_mel(tree, meta):
         centroids = {c: features[rest & (labels == c)].mean(axis=0) for c in np.unique(labels)}
         guess = min(centroids, key=lambda c: np.linalg.norm(features[i] - centroids[c]))
         correct += guess == labels[i]
-    assert correct / len(labels) >= 0.8
+    return correct / len(labels)
+
+
+def test_classes_are_separable_by_mean_log_mel(tree):
+    assert nearest_centroid_accuracy(tree) >= 0.8
+
+
+def test_low_separation_and_snr_make_classes_hard_to_tell_apart(tmp_path):
+    """experiment=synthetic_hard's knobs: the easy set scores >= 0.95 here, the hard one about 0.5."""
+    more = {**SMALL, "clips_per_class": 10}
+    easy = nearest_centroid_accuracy(write_tree(tmp_path / "easy", **more))
+    hard = nearest_centroid_accuracy(write_tree(tmp_path / "hard", **more, separation=0.05, snr_db=[-5, 5]))
+    assert easy >= 0.95 and 0.2 < hard <= 0.7
 
 
 @pytest.mark.parametrize("override, setting", [
@@ -131,6 +144,10 @@ def test_classes_are_separable_by_mean_log_mel(tree, meta):
     (dict(duration=0.0), "duration"),
     (dict(sample_rate=4000), "sample_rate"),
     (dict(n_folds=0), "n_folds"),
+    (dict(separation=0.0), "separation"),
+    (dict(separation=1.5), "separation"),
+    (dict(snr_db=[20, 10]), "snr_db"),
+    (dict(snr_db=[10]), "snr_db"),
 ])
 def test_bad_settings_are_refused_by_name_and_write_nothing(tmp_path, override, setting):
     with pytest.raises(EsclabError, match=rf"dataset\.synthetic\.{setting} must be"):

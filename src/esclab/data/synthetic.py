@@ -6,6 +6,9 @@ download, split and features code run on it unchanged, so a pass here means some
 Each class is a fixed recipe (a tone at its own pitch, harmonics, a sweep, amplitude
 modulation, band noise, clicks) that every clip varies (detune, onset, length, gain,
 background noise, digital silence, clipping): learnable by a small CNN, not a constant.
+Two settings make it harder: `separation` pulls every class's recipe towards the
+average one, until classes differ only subtly (in pitch by less than a recording's
+detune), and `snr_db` buries the events in more background noise.
 """
 
 import io
@@ -53,25 +56,45 @@ class _Clip:
         return f"{self.fold}-{self.src_file}-{self.take}-{self.target}.wav"
 
 
-def _check(*, n_classes: int, clips_per_class: int, duration: float, sample_rate: int, n_folds: int) -> None:
-    """Refuse settings that cannot make an ESC-50-shaped dataset, naming the setting to change."""
-    s = "dataset.synthetic"
-    if not 1 <= n_classes <= len(CATEGORIES):
-        raise EsclabError(f"{s}.n_classes must be between 1 and 50, got {n_classes}; ESC-50 has 50 class names to reuse")
-    if n_folds < 1:
-        raise EsclabError(f"{s}.n_folds must be at least 1, got {n_folds}; ESC-50 uses 5")
-    if clips_per_class < n_folds:
-        raise EsclabError(f"{s}.clips_per_class must be at least n_folds ({n_folds}) so every class is in every fold, got {clips_per_class}; raise it")
-    if not duration > 0:
-        raise EsclabError(f"{s}.duration must be positive seconds, got {duration}; ESC-50 uses 5.0")
-    if sample_rate < 8000:
-        raise EsclabError(f"{s}.sample_rate must be at least 8000 Hz, got {sample_rate}; ESC-50 uses 44100")
+@dataclass(frozen=True)
+class Settings:
+    """dataset.synthetic: what to generate. It refuses what cannot make an ESC-50-shaped dataset."""
+
+    n_classes: int = 50
+    clips_per_class: int = 10
+    duration: float = 5.0  # seconds
+    sample_rate: int = 44100
+    seed: int = 0
+    n_folds: int = 5
+    separation: float = 1.0  # 1: each class its own recipe; towards 0: every class the average recipe
+    snr_db: tuple[float, float] = (10.0, 30.0)  # each recording's event-over-background level is drawn from this
+
+    def __post_init__(self):
+        s = "dataset.synthetic"
+        if not 1 <= self.n_classes <= len(CATEGORIES):
+            raise EsclabError(f"{s}.n_classes must be between 1 and 50, got {self.n_classes}; ESC-50 has 50 class names to reuse")
+        if self.n_folds < 1:
+            raise EsclabError(f"{s}.n_folds must be at least 1, got {self.n_folds}; ESC-50 uses 5")
+        if self.clips_per_class < self.n_folds:
+            raise EsclabError(f"{s}.clips_per_class must be at least n_folds ({self.n_folds}) so every class is in every "
+                              f"fold, got {self.clips_per_class}; raise it")
+        if not self.duration > 0:
+            raise EsclabError(f"{s}.duration must be positive seconds, got {self.duration}; ESC-50 uses 5.0")
+        if self.sample_rate < 8000:
+            raise EsclabError(f"{s}.sample_rate must be at least 8000 Hz, got {self.sample_rate}; ESC-50 uses 44100")
+        if not 0 < self.separation <= 1:
+            raise EsclabError(f"{s}.separation must be in (0, 1], got {self.separation}; 1 keeps classes far apart")
+        snr_db = tuple(float(db) for db in self.snr_db)  # a list from the config
+        if len(snr_db) != 2 or snr_db[0] > snr_db[1]:
+            raise EsclabError(f"{s}.snr_db must be [low, high] in dB with low <= high, got {list(snr_db)}")
+        object.__setattr__(self, "snr_db", snr_db)
 
 
-def _layout(rng: np.random.Generator, *, n_classes: int, clips_per_class: int, n_folds: int) -> list[_Clip]:
+def _layout(rng: np.random.Generator, settings: Settings) -> list[_Clip]:
     """Every class in every fold, each recording's 1-3 takes in one fold so no fold split can leak."""
+    n_folds, clips_per_class = settings.n_folds, settings.clips_per_class
     recordings = []  # (target, fold, n_takes)
-    for target in range(n_classes):
+    for target in range(settings.n_classes):
         per_fold = np.full(n_folds, clips_per_class // n_folds)
         per_fold[(target + np.arange(clips_per_class % n_folds)) % n_folds] += 1  # rotate the remainder
         for fold, left in enumerate(per_fold.tolist(), start=1):
@@ -82,7 +105,7 @@ def _layout(rng: np.random.Generator, *, n_classes: int, clips_per_class: int, n
     ids = rng.choice(900_000, size=len(recordings), replace=False) + 100_000  # six digits, like Freesound's
     clips = []
     for (target, fold, takes), src in zip(recordings, ids.tolist()):
-        shared = dict(detune=rng.uniform(0.97, 1.03), snr_db=rng.uniform(10, 30), tint=rng.uniform(0.5, 1.5))
+        shared = dict(detune=rng.uniform(0.97, 1.03), snr_db=rng.uniform(*settings.snr_db), tint=rng.uniform(0.5, 1.5))
         clips += [_Clip(fold, src, "ABC"[i], target, **shared) for i in range(takes)]
     return sorted(clips, key=lambda c: c.filename)
 
@@ -96,20 +119,31 @@ def _noise(rng: np.random.Generator, magnitude: np.ndarray, n: int) -> np.ndarra
     return noise / max(float(noise.std()), 1e-12)
 
 
-def _render(clip: _Clip, rng: np.random.Generator, n: int, sr: int) -> np.ndarray:
+def _pick(options, index: int, separation: float, *, log: bool = False) -> float:
+    """options[index], moved towards the options' mean (geometric if log) as separation falls from 1 to 0."""
+    own = float(options[index % len(options)])
+    if log:
+        return own * (float(np.exp(np.mean(np.log(options)))) / own) ** (1 - separation)
+    return own * separation + float(np.mean(options)) * (1 - separation)  # exactly own at separation 1
+
+
+def _render(clip: _Clip, rng: np.random.Generator, n: int, sr: int, separation: float) -> np.ndarray:
     """One clip as int16, computed in float32 for speed.
 
     Mixed-radix digits of the target pick the recipe, so classes share some ingredients
-    but never all: (pitch, sweep) alone already differs between any two classes.
+    but never all: (pitch, sweep) alone already differs between any two classes. Below
+    separation 1 every class value moves towards the average, and overtones fade, so the
+    classes keep their order but the gaps between them shrink.
     """
     k = clip.target
-    pitch = np.geomspace(150, min(3000, 0.15 * sr), 25)[7 * k % 25] * clip.detune
-    sweep = (0, 1, -1)[k % 3]  # octaves over the event: steady, up, down
+    pitch = _pick(np.geomspace(150, min(3000, 0.15 * sr), 25), 7 * k, separation, log=True) * clip.detune
+    sweep = _pick((0, 1, -1), k, separation)  # octaves over the event: steady, up, down
     harmonics = np.arange(1, 1 + (1, 2, 4, 8)[k // 3 % 4], dtype=np.float32)
-    am_hz = (0, 3, 7, 13)[k // 2 % 4]
-    band = np.geomspace(300, 0.3 * sr, 8)[(3 * k + 1) % 8] * np.array([0.7, 1.4])  # an octave of noise
-    noise_level = (0.2, 0.5, 1.0)[k // 4 % 3]
-    clicks_hz = (0, 0, 3, 9)[k // 7 % 4]
+    overtone_gain = np.where(harmonics == 1, 1, separation).astype(np.float32)
+    am_hz = _pick((0, 3, 7, 13), k // 2, separation)
+    band = _pick(np.geomspace(300, 0.3 * sr, 8), 3 * k + 1, separation, log=True) * np.array([0.7, 1.4])  # an octave of noise
+    noise_level = _pick((0.2, 0.5, 1.0), k // 4, separation)
+    clicks_hz = _pick((0, 0, 3, 9), k // 7, separation)
 
     length = max(1, round(n * rng.uniform(0.4, 1.0)))
     padded = rng.random() < 0.2  # ESC-50 pads short sounds with digital silence
@@ -119,8 +153,9 @@ def _render(clip: _Clip, rng: np.random.Generator, n: int, sr: int) -> np.ndarra
     cycles = pitch / sr * (np.expm1(rate * t) / rate if sweep else t)
     phase = (2 * np.pi * (cycles - np.floor(cycles))).astype(np.float32)  # wrap in float64: float32 is then exact enough
     i = t.astype(np.float32)
-    h = harmonics[pitch * harmonics * 2.0 ** max(sweep, 0) < 0.45 * sr][:, None]  # none above Nyquist
-    tone = (np.sin(h * phase + rng.random(h.shape, dtype=np.float32) * (2 * np.pi)) / h).sum(0)
+    audible = pitch * harmonics * 2.0 ** max(sweep, 0) < 0.45 * sr  # none above Nyquist
+    h, gain = harmonics[audible][:, None], overtone_gain[audible][:, None]
+    tone = (np.sin(h * phase + rng.random(h.shape, dtype=np.float32) * (2 * np.pi)) / h * gain).sum(0)
     env = np.minimum(1, np.minimum(i + 1, length - i) / (0.01 * sr))  # 10 ms fades, no step clicks
     if am_hz:
         env *= 1 - 0.4 * (1 + np.sin(2 * np.pi * am_hz / sr * i + rng.uniform(0, 2 * np.pi)))
@@ -146,18 +181,17 @@ def _render(clip: _Clip, rng: np.random.Generator, n: int, sr: int) -> np.ndarra
     return np.round(np.clip(audio, -1, 1) * 32767).astype(np.int16)
 
 
-def _members(*, n_classes: int, clips_per_class: int, duration: float, sample_rate: int, seed: int,
-             n_folds: int) -> Iterator[tuple[str, bytes | None]]:
+def _members(settings: Settings) -> Iterator[tuple[str, bytes | None]]:
     """(path under ESC-50-master/, bytes or None for a folder), in sorted path order."""
-    _check(n_classes=n_classes, clips_per_class=clips_per_class, duration=duration, sample_rate=sample_rate, n_folds=n_folds)
-    rng = np.random.default_rng(seed)
-    clips = _layout(rng, n_classes=n_classes, clips_per_class=clips_per_class, n_folds=n_folds)
-    n = max(1, round(duration * sample_rate))
+    rng = np.random.default_rng(settings.seed)
+    clips = _layout(rng, settings)
+    sr = settings.sample_rate
+    n = max(1, round(settings.duration * sr))
     yield "", None
     yield "audio/", None
     for clip in clips:
         buffer = io.BytesIO()
-        sf.write(buffer, _render(clip, rng, n, sample_rate), sample_rate, format="WAV", subtype="PCM_16")
+        sf.write(buffer, _render(clip, rng, n, sr, settings.separation), sr, format="WAV", subtype="PCM_16")
         yield f"audio/{clip.filename}", buffer.getvalue()
     rows = [f"{c.filename},{c.fold},{c.target},{CATEGORIES[c.target]},{CATEGORIES[c.target] in ESC10},{c.src_file},{c.take}"
             for c in clips]
@@ -165,12 +199,14 @@ def _members(*, n_classes: int, clips_per_class: int, duration: float, sample_ra
     yield "meta/esc50.csv", "\n".join([META_HEADER, *rows, ""]).encode()
 
 
-def write_tree(root: Path, *, n_classes: int = 50, clips_per_class: int = 10, duration: float = 5.0,
-               sample_rate: int = 44100, seed: int = 0, n_folds: int = 5) -> Path:
-    """Write the unpacked dataset, as if the archive had been extracted into `root`, for tests."""
+def write_tree(root: Path, **settings) -> Path:
+    """Write the unpacked dataset, as if the archive had been extracted into `root`, for tests.
+
+    `settings` are the fields of Settings (dataset.synthetic's keys and n_folds).
+    """
+    members = _members(Settings(**settings))
     with atomic_dir(Path(root) / TOP) as tmp:
-        for rel, data in _members(n_classes=n_classes, clips_per_class=clips_per_class, duration=duration,
-                                  sample_rate=sample_rate, seed=seed, n_folds=n_folds):
+        for rel, data in members:
             if data is None:
                 (tmp / rel).mkdir(exist_ok=True)
             else:
@@ -178,12 +214,10 @@ def write_tree(root: Path, *, n_classes: int = 50, clips_per_class: int = 10, du
     return Path(root) / TOP
 
 
-def write_archive(path: Path, *, n_classes: int = 50, clips_per_class: int = 10, duration: float = 5.0,
-                  sample_rate: int = 44100, seed: int = 0, n_folds: int = 5) -> Path:
+def write_archive(path: Path, **settings) -> Path:
     """Write a zip shaped like GitHub's ESC-50 master.zip, so the download stage's archive path is exercised."""
     path = Path(path)
-    members = _members(n_classes=n_classes, clips_per_class=clips_per_class, duration=duration,
-                       sample_rate=sample_rate, seed=seed, n_folds=n_folds)
+    members = _members(Settings(**settings))
     # ZIP_STORED: noisy PCM barely deflates (a few %) and deflating ~200 MB would cost seconds.
     with atomic_file(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as archive:
         for rel, data in members:

@@ -91,19 +91,26 @@ class Mixup:
 
 
 class SpecAugment:
-    """Park et al. (2019): n_masks bands of up to freq_mask mel bins and n_masks spans of up to time_mask frames.
+    """Park et al. (2019): n_masks mel bands and n_masks time spans per clip, filled with 0, the training mean.
 
-    Every clip gets its own masks (iid), filled with 0, the training mean.
+    The widest band and span are fractions of the input (freq_mask of its mel bins,
+    time_mask of its frames), so one setting means the same share of a clip at any
+    n_mels, hop or clip length: in frames, 48 hides up to 11 % of a 431-frame clip
+    but 31 % of a 157-frame one. Every clip gets its own masks (iid).
     """
 
-    def __init__(self, *, p: float, freq_mask: int, time_mask: int, n_masks: int):
-        self.p = p
-        self.masks = ([T.FrequencyMasking(freq_mask, iid_masks=True)] * n_masks
-                      + [T.TimeMasking(time_mask, iid_masks=True)] * n_masks)
+    def __init__(self, *, p: float, freq_mask: float, time_mask: float, n_masks: int):
+        for name, value in (("freq_mask", freq_mask), ("time_mask", time_mask)):
+            if not 0 <= value <= 1:
+                raise EsclabError(f"augment.specaugment.{name} is a fraction of the input between 0 and 1, got {value}")
+        self.p, self.freq_mask, self.time_mask, self.n_masks = p, freq_mask, time_mask, n_masks
 
     def __call__(self, x: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        mels, frames = x.shape[-2:]
+        masks = ([T.FrequencyMasking(int(self.freq_mask * mels), iid_masks=True)] * self.n_masks
+                 + [T.TimeMasking(int(self.time_mask * frames), iid_masks=True)] * self.n_masks)
         masked = x
-        for mask in self.masks:
+        for mask in masks:
             masked = mask(masked)
         return torch.where(_chosen(x, self.p), masked, x), targets
 
