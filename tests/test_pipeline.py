@@ -119,12 +119,15 @@ TINY_EXPERIMENT = {
     "lr": 1e-3,
     "tracking": {"log_model": False},  # model logging has its own test (test_tracking.py); it costs ~10 s a fold
 }
+# The strong recipe at the same tiny sizes: what `dvc exp run -S experiment=cnn4_strong` runs, made small.
+TINY_STRONG_EXPERIMENT = {**TINY_EXPERIMENT, "defaults": ["cnn4_strong", {"override /dataset": "synthetic"}]}
 
 
 @pytest.mark.slow
 def test_whole_pipeline_then_an_experiment_that_changes_lr(tmp_path):
     repo = git_dvc_repo(tmp_path / "repo")
-    (repo / "conf/experiment/tiny.yaml").write_text("# @package _global_\n" + yaml.safe_dump(TINY_EXPERIMENT))
+    for name, recipe in (("tiny", TINY_EXPERIMENT), ("tiny_strong", TINY_STRONG_EXPERIMENT)):
+        (repo / f"conf/experiment/{name}.yaml").write_text("# @package _global_\n" + yaml.safe_dump(recipe))
     write_params(repo, "experiment=tiny")
 
     first = run(repo, "dvc", "repro")
@@ -169,10 +172,11 @@ def test_whole_pipeline_then_an_experiment_that_changes_lr(tmp_path):
     assert run(repo, "git", "add", "-A").returncode == 0
     commit = run(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline")
     assert commit.returncode == 0, commit.stderr
-    experiment = run(repo, "dvc", "exp", "run", "-S", "experiment=tiny", "-S", "lr=0.0003")
+    experiment = run(repo, "dvc", "exp", "run", "-S", "experiment=tiny_strong", "-S", "lr=0.0003")
     assert experiment.returncode == 0, experiment.stdout[-3000:] + experiment.stderr[-3000:]
     assert stages_run(experiment) == {f"train@{k}" for k in range(1, 6)} | {"evaluate"}, experiment.stdout
     diff = json.loads(run(repo, "dvc", "params", "diff", "--json").stdout)["params.yaml"]
     assert (diff["lr"]["old"], diff["lr"]["new"]) == (0.001, 0.0003)
+    assert diff["optimizer.weight_decay"]["new"] == 0.05 and diff["augment.mixup.alpha"]["new"] == 0.2  # the recipe's
     shown = run(repo, "dvc", "exp", "list", "--name-only")
     assert shown.returncode == 0 and shown.stdout.strip(), shown.stdout + shown.stderr
