@@ -66,6 +66,7 @@ def test_train_py_logs_one_fold_to_a_real_server(mlflow_server, tiny_data, tmp_p
     assert child.info.status == "FINISHED"
     assert child.data.params["lr"] == "0.001" and child.data.params["model.name"] == "cnn4"
     assert child.data.params["features.n_mels"] == "32" and child.data.params["fold"] == "2"
+    assert not [name for name in child.data.params if "/" in name]  # each setting once, not again as model/channels
     assert {"train/loss", "val/acc", "test/acc"} <= set(child.data.metrics)
     for name in ("raw", "split", "features"):
         assert child.data.tags[f"data.{name}.md5"] == dvc_md5(tiny_data[name])

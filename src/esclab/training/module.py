@@ -26,7 +26,9 @@ class Classifier(L.LightningModule):
                  scheduler: dict | None = None, augment: dict | None = None, label_smoothing: float = 0.0,
                  feature_std: float = 1.0):
         super().__init__()
-        self.save_hyperparameters()
+        # Into the checkpoint only: the Tracker already logs the whole config to the fold's run, and Lightning's
+        # copy would add every model/optimizer/augment key a second time, spelt with '/'.
+        self.save_hyperparameters(logger=False)
         layers = {k: v for k, v in model.items() if k != "name"}
         self.model = build_model(model["name"], n_classes=n_classes, input_shape=tuple(input_shape), **layers)
         self.augment = Augment(augment or {}, std=feature_std)
