@@ -2,7 +2,8 @@
 
 The data is a synthetic ESC-50 of the real one's exact shape (50 classes x 40
 clips, 5 s at 44.1 kHz, 128 x 431 log-mels; src/esclab/data/synthetic.py),
-built in a temporary folder first (data_prep_s, not part of the timed run). The
+built in a temporary folder first by the download, split and features stages
+(data_prep_s, not part of the timed run). The
 timed run is `train(cfg)`, what `python train.py` runs, with the recipe's
 overrides and any further ones:
 
@@ -33,9 +34,8 @@ from mlflow import MlflowClient
 from report import parse_args, report
 from torch.utils.flop_counter import FlopCounterMode
 
-from esclab.data.features import LogMelSettings, write_features
-from esclab.data.split import write_split
-from esclab.data.synthetic import write_tree
+from esclab import cli
+from esclab.data.features import LogMelSettings
 from esclab.models import build_model
 from esclab.training.run import fold_data, train
 
@@ -48,18 +48,6 @@ PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 31
 def config(overrides: list[str]):
     with initialize_config_dir(str(CONF), version_base="1.3"):
         return compose("config", overrides=overrides)
-
-
-def make_data(cfg, root: Path) -> dict[str, Path]:
-    """Download (synthesised), split and features stages into `root`: the paths.* the run reads."""
-    ds = cfg.dataset
-    raw = write_tree(root, n_folds=ds.n_folds, **ds.synthetic)
-    split = root / "split.csv"
-    write_split(raw, split, n_classes=ds.n_classes, n_folds=ds.n_folds, esc10_only=ds.esc10_only)
-    f = cfg.features
-    features = write_features(split, root / "features", LogMelSettings.from_config(f), device=f.device,
-                              batch_size=f.batch_size, num_workers=f.num_workers)
-    return {"raw": raw, "split": split, "features": features}
 
 
 def steady_epoch_seconds(tracking_uri: str, experiment: str) -> float | None:
@@ -114,13 +102,13 @@ def main() -> None:
         # Synthetic data shaped like ESC-50, written into tmp; the run's outputs go there too.
         base = ["dataset=synthetic", f"dataset.synthetic.clips_per_class={args.clips_per_class}", *recipe,
                 f"trainer.max_epochs={epochs}", "trainer.enable_progress_bar=false",
-                f"paths.models={tmp / 'models'}", f"paths.reports={tmp / 'reports'}",
-                f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}"]
-        start = time.perf_counter()
-        data = make_data(config(base), tmp / "data")
-        prep_s = time.perf_counter() - start
-        base += [f"paths.{name}={path}" for name, path in data.items()]
+                *(f"paths.{name}={tmp / name}" for name in ("downloads", "raw", "features", "models", "reports")),
+                f"paths.split={tmp / 'split.csv'}", f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}"]
         cfg = config(base)
+        start = time.perf_counter()
+        for stage in (cli.download, cli.split, cli.features):  # what `dvc repro` runs before training
+            stage(cfg)
+        prep_s = time.perf_counter() - start
 
         fold_s, metrics = [], None
         if args.folds == n_folds:
@@ -156,7 +144,7 @@ def main() -> None:
         "overrides": recipe,
         "input": [1, settings.n_mels, settings.n_frames],
         "batch_size": cfg.train.batch_size,
-        "data_prep_s": round(prep_s, 1),  # synthesis, split and features: not part of the timed run
+        "data_prep_s": round(prep_s, 1),  # download (synthesised), split and features: not timed
         "measured_folds": args.folds,
         "measured_epochs": epochs,
         "measured_clips": args.clips_per_class * cfg.dataset.n_classes,
