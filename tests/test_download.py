@@ -2,6 +2,7 @@
 
 import hashlib
 import random
+import shutil
 import socket
 import stat
 import types
@@ -281,17 +282,29 @@ def test_source_dir_is_copied_and_takes_precedence(tmp_path, closed_port_url):
     assert leftovers(tmp_path) == []
 
 
-def test_source_dir_link_inside_is_followed_and_link_outside_is_refused(tmp_path):
+def test_source_dir_follows_links_as_users_keep_datasets(tmp_path):
+    """audio/ on another disk, a file linked from elsewhere: the local folder is the user's to arrange."""
     source = write_tree(tmp_path / "ESC-50-master")
+    elsewhere = tmp_path / "other-disk" / "esc50-audio"
+    elsewhere.parent.mkdir()
+    shutil.move(source / "audio", elsewhere)
+    (source / "audio").symlink_to(elsewhere, target_is_directory=True)
     (source / "meta" / "alias.csv").symlink_to(source / "meta" / "esc50.csv")
     copy_tree(source, tmp_path / "raw")
+    assert_unpacked(tmp_path / "raw")
+    copied = tmp_path / "raw" / "audio"
+    assert copied.is_dir() and not copied.is_symlink()  # a real copy, which DVC can cache
     assert (tmp_path / "raw" / "meta" / "alias.csv").read_bytes() == FILES["meta/esc50.csv"]
-    (tmp_path / "secret").write_text("not part of the dataset")
-    link = source / "audio" / "secret.wav"
-    link.symlink_to(tmp_path / "secret")
-    with pytest.raises(EsclabError) as err:
-        copy_tree(source, tmp_path / "raw2")
-    assert str(link) in str(err.value) and not (tmp_path / "raw2").exists()
+
+
+@pytest.mark.parametrize("bad", ["dangling", "loop"])
+def test_source_dir_refuses_a_dangling_link_or_a_loop_by_name(tmp_path, bad):
+    source = write_tree(tmp_path / "ESC-50-master")
+    link = source / "audio" / ("gone.wav" if bad == "dangling" else "again")
+    link.symlink_to(tmp_path / "deleted.wav" if bad == "dangling" else source)
+    with pytest.raises(EsclabError, match="dataset.source_dir") as err:
+        copy_tree(source, tmp_path / "raw")
+    assert str(link) in str(err.value) and not (tmp_path / "raw").exists()
 
 
 def test_missing_source_dir_is_named(tmp_path):

@@ -201,16 +201,24 @@ def unpack(archive: Path, dest: Path) -> Path:
 
 
 def copy_tree(source: Path, dest: Path) -> Path:
-    """Copy an already-unpacked dataset folder to `dest`, all or nothing, refusing links that leave it."""
+    """Copy an already-unpacked dataset folder to `dest`, all or nothing.
+
+    The folder is the user's to arrange: symbolic links in it (an `audio/` kept on
+    another disk, say) are followed and what they point at is copied. Only a link to
+    nothing, or one that leads back to a folder above it, is refused. Links inside a
+    downloaded archive are another matter: `unpack` refuses every one.
+    """
     if not source.is_dir():
         raise EsclabError(f"{source} is not a folder (dataset.source_dir): point it at an unpacked "
                           "ESC-50-master/ holding audio/ and meta/")
-    root = source.resolve()
-    for folder, dirnames, filenames in os.walk(source):
-        for link in (Path(folder, name) for name in dirnames + filenames):
-            if link.is_symlink() and not (link.resolve().is_relative_to(root) and link.exists()):
-                raise EsclabError(f"{link} is a symbolic link to {os.readlink(link)}, outside {source} or missing "
-                                  "(dataset.source_dir): replace it with the real file")
+    for folder, dirnames, filenames in os.walk(source, followlinks=True):
+        for link in (Path(folder, name) for name in dirnames + filenames if Path(folder, name).is_symlink()):
+            if not link.exists():
+                raise EsclabError(f"{link} is a symbolic link to {os.readlink(link)}, which does not exist "
+                                  "(dataset.source_dir): fix the link or remove it")
+            if link.is_dir() and Path(folder).resolve().is_relative_to(link.resolve()):
+                raise EsclabError(f"{link} links back to {link.resolve()}, a folder that contains it, so the "
+                                  "dataset would never end (dataset.source_dir): remove the link")
     with atomic_dir(dest) as tmp:
         shutil.copytree(source, tmp, dirs_exist_ok=True)
     log.info("copied %s into %s", source, dest)
