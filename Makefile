@@ -9,7 +9,7 @@ DEMO_OVERRIDES := experiment=demo
 # Extra overrides for repro/demo/params, e.g. make repro ARGS="dataset.archive=/path/to/ESC-50-master.zip"
 ARGS ?=
 
-.PHONY: setup repro demo test params bench
+.PHONY: setup browser repro demo results test params bench
 
 setup: $(VENV)/.installed
 
@@ -29,8 +29,19 @@ demo: setup
 	python -m esclab.params $(DEMO_OVERRIDES) $(ARGS)
 	dvc repro
 
+## results: record the workspace's pipeline run in reports/results/ (if it is a row there), rewrite README's Results table
+results: setup
+	esclab results --config-dir . --config-name params $(ARGS)
+
+# Debian's Chromium, for the test that looks at the MLflow UI (tests/test_mlflow_ui.py): installed where
+# this user may (root, as in CI); elsewhere that test is skipped, or fails under CI=true.
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+		echo "make: no chromium here; tests/test_mlflow_ui.py will be skipped (apt-get install chromium)"
+
 ## test: the whole test suite
-test: setup
+test: setup browser
 	pytest
 
 ## params: regenerate params.yaml from conf/ after editing conf/

@@ -1,10 +1,17 @@
-"""Shared fixtures: small real datasets written to disk by the tests themselves."""
+"""Shared fixtures: small real datasets written to disk by the tests themselves, a real MLflow server."""
 
 import os
+import re
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+import requests
 
 from esclab.data.synthetic import write_tree
 
@@ -78,3 +85,49 @@ def tiny_overrides(data: dict[str, Path], out: Path, *extra: str) -> list[str]:
     return ["dataset=synthetic", f"dataset.synthetic.n_classes={TINY['n_classes']}", *features, *paths,
             "trainer.max_epochs=2", "trainer.enable_progress_bar=false", "train.batch_size=8", "lr=1e-3",
             f"tracking.uri=sqlite:///{out / 'mlflow.db'}", *extra]
+
+
+def pytest_configure(config):
+    """The warnings esclab silences in its own processes (esclab/logs.py), silenced here too; every other one shows."""
+    from esclab.logs import pytest_filters
+
+    for line in pytest_filters():
+        config.addinivalue_line("filterwarnings", line)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--artifacts-destination", str(root / "artifacts"),
+         "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"{uri}/health", timeout=1).ok:
+                    break
+            except requests.RequestException:  # refused while starting, or a read timeout on a busy machine
+                time.sleep(0.5)
+        else:
+            pytest.fail("mlflow server did not start within 90 s")
+        yield uri
+    finally:  # the server and the workers it started, whatever happened
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def printed_warnings(output: str) -> list[str]:
+    """Lines of a command's output that print a Python warning: '<file>.py:<line>: ...' (Lightning's format
+    leaves out the category, so the location is what they share)."""
+    return [line for line in output.splitlines() if re.search(r"\.py:\d+: ", line)]

@@ -2,6 +2,7 @@
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -87,6 +88,12 @@ def test_top_k_counts_the_true_class_ranked_second(run):
     one_row = pd.DataFrame({"fold": [1], "label": [1], "pred": [0], "prob_0": [0.5], "prob_1": [0.3], "prob_2": [0.2]})
     assert pooled_metrics(one_row, NAMES, top_k=2)[0]["top2_accuracy"] == 1.0
     assert pooled_metrics(one_row, NAMES, top_k=1)[0]["top1_accuracy"] == 0.0
+
+
+def test_top_k_covering_every_class_is_null_not_a_meaningless_perfect_score(run):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # sklearn warned that k >= n_classes "will result in a perfect score"
+        assert metrics_of(run, top_k=3)["top3_accuracy"] is None
 
 
 def tiny(labels, preds):

@@ -1,52 +1,15 @@
 """MLflow tracking against a real `mlflow server` on 127.0.0.1: runs carry config, metrics and data versions."""
 
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
-import requests
-from conftest import REPO, compose_config, tiny_overrides
+from conftest import REPO, compose_config, free_port, printed_warnings, tiny_overrides
 from mlflow import MlflowClient
 
 from esclab.errors import EsclabError
 from esclab.tracking import Tracker, dvc_md5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--artifacts-destination", str(root / "artifacts"),
-         "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(f"{uri}/health", timeout=1).ok:
-                    break
-            except requests.RequestException:  # refused while starting, or a read timeout on a busy machine
-                time.sleep(0.5)
-        else:
-            pytest.fail("mlflow server did not start within 90 s")
-        yield uri
-    finally:  # the server and the workers it started, whatever happened
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
 
 
 def test_train_py_logs_one_fold_to_a_real_server(mlflow_server, tiny_data, tmp_path):
@@ -56,6 +19,7 @@ def test_train_py_logs_one_fold_to_a_real_server(mlflow_server, tiny_data, tmp_p
     result = subprocess.run([sys.executable, str(REPO / "train.py"), *overrides], cwd=tmp_path, env=env,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert printed_warnings(result.stdout + result.stderr) == []  # a quiet log (esclab/logs.py)
 
     client = MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name("esclab")
@@ -105,3 +69,38 @@ def test_unreachable_server_fails_before_training(tiny_data, tmp_path):
     with pytest.raises(EsclabError, match="is not reachable"):
         Tracker(cfg)
     assert not (tmp_path / "models").exists()
+
+
+def test_parent_run_is_running_until_evaluate_failed_with_a_fold_and_spans_its_folds(tiny_data, tmp_path, monkeypatch):
+    """The parent's status and duration tell the truth: RUNNING from the first fold to the end of evaluate,
+    FAILED when a fold fails, and its start and end enclose every fold's."""
+    from esclab.training.module import Classifier
+    from esclab.training.run import train
+
+    def parent_and_children():
+        client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+        runs = client.search_runs([client.get_experiment_by_name("esclab").experiment_id])
+        parent = next(r for r in runs if r.data.tags["esclab.fold"] == "all")
+        return parent, {r.data.tags["esclab.fold"]: r for r in runs if r is not parent}
+
+    overrides = tiny_overrides(tiny_data, tmp_path, "trainer.max_epochs=1", "tracking.log_model=false")
+    train(compose_config(*overrides, "fold=1"))
+    parent, children = parent_and_children()
+    assert (parent.info.status, children["1"].info.status) == ("RUNNING", "FINISHED")
+    assert parent.data.tags["esclab.hardware"].endswith(("no GPU", "CPU cores"))
+
+    def diverged(self, batch, batch_idx):
+        raise FloatingPointError("loss is NaN")
+    with monkeypatch.context() as patch:
+        patch.setattr(Classifier, "training_step", diverged)
+        with pytest.raises(FloatingPointError):
+            train(compose_config(*overrides, "fold=2"))
+    parent, children = parent_and_children()
+    assert (parent.info.status, children["2"].info.status) == ("FAILED", "FAILED")
+
+    train(compose_config(*overrides))  # the whole cross-validation: fold 1 is kept, 2 retried, 3-5 trained
+    parent, children = parent_and_children()
+    assert parent.info.status == "FINISHED" and {c.info.status for c in children.values()} == {"FINISHED"}
+    assert parent.info.start_time <= min(c.info.start_time for c in children.values())
+    assert parent.info.end_time >= max(c.info.end_time for c in children.values())
+    assert "accuracy_mean" in parent.data.metrics

@@ -1,4 +1,4 @@
-"""`esclab <stage> [overrides]`: the Hydra entry points that dvc.yaml runs.
+"""`esclab <stage> [overrides]`: the Hydra entry points that dvc.yaml runs, and `esclab results`.
 
 Each stage reads the composed config (conf/ by default; dvc.yaml passes
 `--config-dir . --config-name params` so the stages read params.yaml) and calls
@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 
 from esclab.config import check_config
 from esclab.errors import EsclabError
+from esclab.logs import silence_known_noise
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
@@ -54,11 +55,18 @@ def evaluate(cfg: DictConfig) -> None:
     pool_folds(cfg)
 
 
-STAGES = {"download": download, "split": split, "features": features, "evaluate": evaluate}
+def results(cfg: DictConfig) -> None:
+    from esclab.results import write_results
+
+    write_results(cfg)
+
+
+STAGES = {"download": download, "split": split, "features": features, "evaluate": evaluate, "results": results}
 
 
 def run_reporting_errors(fn, cfg: DictConfig) -> None:
     """Check the config, run a stage; a user-causable error becomes one line on stderr and exit status 1."""
+    silence_known_noise()
     try:
         check_config(cfg)
         fn(cfg)

@@ -8,6 +8,10 @@ data hashes. Rerunning a fold therefore joins the same parent (and the same
 child) instead of starting a new experiment, and two runs on different data
 never share a parent.
 
+The parent run is RUNNING from the first fold until the evaluate stage has
+pooled the folds, and FAILED as soon as a fold fails, also when each fold is a
+separate `dvc repro` stage, so its duration in the UI is the cross-validation's.
+
 Data hashes are DVC's own md5s (dvc_data computes them exactly as `dvc.lock`
 records them), so an MLflow run can be matched to a `dvc.lock` entry.
 """
@@ -15,9 +19,11 @@ records them), so an MLflow run can be matched to a `dvc.lock` entry.
 import hashlib
 import json
 import os
+import platform
 import subprocess
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,12 +40,25 @@ from esclab.errors import EsclabError
 DEFAULT_URI = "sqlite:///mlflow.db"
 KEY_TAG = "esclab.run_key"
 FOLD_TAG = "esclab.fold"
+HARDWARE_TAG = "esclab.hardware"
 DATA = ("raw", "split", "features")  # the paths.* whose DVC hashes tag every run
+UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
 
 
 def resolve_uri(configured: str | None) -> str:
     """tracking.uri if set, else $MLFLOW_TRACKING_URI, else the embedded database."""
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def ui_url(base: str, experiment_id: str) -> str:
+    """The experiment's runs table in the MLflow UI's model-training view.
+
+    MLflow 3's UI starts in its GenAI view, where an experiment opens on a trace
+    overview; the view is the browser's choice (the sidebar's GenAI / Model training
+    switch, or `workflowType` in the address), not the experiment's: 3.17.2 does not
+    read the `mlflow.experimentKind` tag for it.
+    """
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 def check_reachable(uri: str) -> None:
@@ -83,6 +102,35 @@ def git_tags() -> dict[str, str]:
         return {"git.commit": "none", "git.dirty": "unknown"}
 
 
+def hardware() -> str:
+    """The machine a run trains on, as precisely as its numbers depend on it.
+
+    On a CPU, results agree to the last bit only with the same processor, the same
+    instruction set in torch's kernels and the same thread count, so all three are named.
+    """
+    cores = f"{os.cpu_count()} CPU cores"
+    if torch.cuda.is_available():
+        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}, {cores}"
+    return f"{cores} ({cpu_model()}, {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads), no GPU"
+
+
+def cpu_model() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
+             if line.startswith("model name")]
+    return names[0] if names else platform.machine()
+
+
+def run_key(cfg: DictConfig, data: dict[str, str]) -> str:
+    """What makes two runs the same cross-validation: the config without `fold` and
+    `train.parallel_folds` (which folds run, and how many at once), and the data hashes."""
+    without_fold = OmegaConf.to_container(cfg, resolve=True)
+    without_fold.pop("fold")
+    without_fold["train"].pop("parallel_folds")
+    identity = json.dumps([without_fold, {k: v for k, v in data.items() if k.startswith("data.")}], sort_keys=True)
+    return hashlib.sha256(identity.encode()).hexdigest()[:16]
+
+
 def flat_params(cfg: DictConfig) -> dict[str, str]:
     """The resolved config as dotted keys, which the MLflow UI can sort and compare."""
     flat = pd.json_normalize(OmegaConf.to_container(cfg, resolve=True), sep=".").iloc[0].to_dict()
@@ -98,17 +146,16 @@ class Tracker:
         mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient(self.uri)
         self.cfg = cfg
-        self.tags = data_tags(cfg.paths) | git_tags()
-        without_fold = OmegaConf.to_container(cfg, resolve=True)
-        without_fold.pop("fold")
-        without_fold["train"].pop("parallel_folds")
-        identity = json.dumps([without_fold, {k: v for k, v in self.tags.items() if k.startswith("data.")}],
-                              sort_keys=True)
-        self.key = hashlib.sha256(identity.encode()).hexdigest()[:16]
+        self.tags = data_tags(cfg.paths) | git_tags() | {HARDWARE_TAG: hardware()}
+        self.key = run_key(cfg, self.tags)
         experiment = self.client.get_experiment_by_name(cfg.tracking.experiment)
         self.experiment_id = (experiment.experiment_id if experiment
                               else self.client.create_experiment(cfg.tracking.experiment))
         self.parent_id = self._find_or_create(parent=None)
+
+    def ui_url(self) -> str:
+        """Where to see this experiment's runs: on the tracking server, or on `mlflow ui` for a database."""
+        return ui_url(self.uri if self.uri.startswith(("http://", "https://")) else UI, self.experiment_id)
 
     def _find_or_create(self, parent: str | None, fold: int | None = None) -> str:
         filters = [f"tags.`{KEY_TAG}` = '{self.key}'"]
@@ -123,28 +170,46 @@ class Tracker:
         run_id = self.client.create_run(self.experiment_id, tags=tags, run_name=name).info.run_id
         params = flat_params(self.cfg) | {"fold": str(fold or "all")}
         self.client.log_batch(run_id, params=[mlflow.entities.Param(k, v) for k, v in params.items()])
-        self._log_split(run_id)  # leaves the run FINISHED; fold_run reopens a child while it trains
+        self.client.log_inputs(run_id, datasets=[self._split_input()])
         return run_id
 
-    def _log_split(self, run_id: str) -> None:
-        """The split table as an MLflow dataset: its digest differs whenever the data does."""
+    def _split_input(self) -> mlflow.entities.DatasetInput:
+        """The split table as an MLflow dataset input: its digest differs whenever the data does."""
         split = Path(self.cfg.paths.split)
-        dataset = mlflow.data.from_pandas(pd.read_csv(split), source=str(split), targets="label",
-                                          name=f"{self.cfg.dataset.name}-split")
-        with mlflow.start_run(run_id=run_id):
-            mlflow.log_input(dataset, context="cross-validation")
+        with warnings.catch_warnings():
+            # MLflow registers its local-file dataset source twice (for the "" and the "file" URI
+            # schemes), so every local path is "ambiguous" between two identical classes.
+            warnings.filterwarnings("ignore", "The specified dataset source can be interpreted in multiple ways")
+            # The schema's hint that integer columns cannot hold missing values is about a model's
+            # serving inputs; the split table is a record of the data, whose labels and folds are integers.
+            warnings.filterwarnings("ignore", "Hint: Inferred schema contains integer column")
+            dataset = mlflow.data.from_pandas(pd.read_csv(split), source=str(split), targets="label",
+                                              name=f"{self.cfg.dataset.name}-split")
+            entity = dataset._to_mlflow_entity()
+        context = mlflow.entities.InputTag(mlflow.utils.mlflow_tags.MLFLOW_DATASET_CONTEXT, "cross-validation")
+        return mlflow.entities.DatasetInput(entity, tags=[context])
 
     @contextmanager
     def fold_run(self, fold: int) -> Iterator[str]:
-        """The child run of `fold`, marked FINISHED only if the block completes."""
+        """The child run of `fold`, marked FINISHED only if the block completes.
+
+        The parent is RUNNING while any fold trains (again, when a fold is rerun) and
+        FAILED with a failed fold; only `log_pooled` (after evaluate) marks it FINISHED.
+        """
         run_id = self._find_or_create(self.parent_id, fold)
+        self.client.update_run(self.parent_id, status="RUNNING")
         self.client.update_run(run_id, status="RUNNING")
         try:
             yield run_id
         except BaseException:
             self.client.set_terminated(run_id, "FAILED")
+            self.fail()
             raise
         self.client.set_terminated(run_id, "FINISHED")
+
+    def fail(self) -> None:
+        """Mark the cross-validation FAILED (a fold, or pooling them, failed)."""
+        self.client.set_terminated(self.parent_id, "FAILED")
 
     def log_model(self, run_id: str, model, example) -> None:
         """Log a model that maps a batch of raw log-mel arrays to class probabilities."""
@@ -153,10 +218,11 @@ class Tracker:
             mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=example.numpy())
 
     def log_pooled(self, metrics: dict, reports: Path) -> None:
-        """The cross-validation's pooled metrics and reports on the parent run."""
+        """The cross-validation's pooled metrics and reports on the parent run, which this ends."""
         scalars = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
         scalars |= {f"fold_accuracy.{k}": v for k, v in metrics.get("fold_accuracy", {}).items()}
         now = int(time.time() * 1000)
         self.client.log_batch(self.parent_id, metrics=[
             mlflow.entities.Metric(k, float(v), timestamp=now, step=0) for k, v in scalars.items()])
         self.client.log_artifacts(self.parent_id, str(reports), artifact_path="reports")
+        self.client.set_terminated(self.parent_id, "FINISHED")

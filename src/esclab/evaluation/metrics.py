@@ -133,6 +133,17 @@ def ovr_macro_roc_auc(labels: np.ndarray, probs: np.ndarray) -> float | None:
     return _round(np.mean(scores)) if scores else None
 
 
+def top_k_accuracy(labels: np.ndarray, probs: np.ndarray, k: int) -> float | None:
+    """The share of clips whose class is among the k most probable; None (null) when k covers
+    every class, where any model would score 1."""
+    n_classes = probs.shape[1]
+    if k >= n_classes:
+        log.info("evaluate: top-%d accuracy left out: there are only %d classes (set evaluate.top_k lower)",
+                 k, n_classes)
+        return None
+    return _round(top_k_accuracy_score(labels, probs, k=k, labels=range(n_classes)))
+
+
 def pooled_metrics(pred: pd.DataFrame, class_names: list[str], top_k: int = 5) -> tuple[dict, pd.DataFrame]:
     """The metrics dict written to metrics.json and the per-class table written to per_class.csv.
 
@@ -160,7 +171,7 @@ def pooled_metrics(pred: pd.DataFrame, class_names: list[str], top_k: int = 5) -
         "accuracy_pooled": _round(correct.mean()),
         "macro_f1": _round(f1.mean()),
         "macro_roc_auc": ovr_macro_roc_auc(labels, probs),
-        f"top{top_k}_accuracy": _round(top_k_accuracy_score(labels, probs, k=top_k, labels=range(n_classes))),
+        f"top{top_k}_accuracy": top_k_accuracy(labels, probs, top_k),
         "n_clips": len(pred),
         "n_classes": n_classes,
     }

@@ -184,14 +184,15 @@ class FoldData(L.LightningDataModule):
     def resident_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every row of the cache, normalised as `LogMelRows` does it, and every label, on `device`; loaded once.
 
-        The float16 cache is copied as it is and widened on the device, which halves the copy.
+        The float16 cache is read into memory as it is (torch refuses to wrap the read-only
+        memory map) and widened on the device, which halves the copy.
         """
         device = self.device
         if self._on_device is None or self._on_device[0].device != device:
             self._on_device = None  # let the old copy go before the new one is made
-            x = torch.from_numpy(np.ascontiguousarray(self.array)).to(device).float()
+            x = torch.from_numpy(np.array(self.array)).to(device).float()
             x.sub_(self.mean).div_(self.std)
-            labels = torch.as_tensor(self.index["label"].to_numpy(), dtype=torch.int64, device=device)
+            labels = torch.as_tensor(self.index["label"].to_numpy(copy=True), dtype=torch.int64, device=device)
             self._on_device = x.unsqueeze(1), labels
         return self._on_device
 

@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from esclab.atomic import atomic_file
 from esclab.data.features import LogMelSettings
 from esclab.errors import EsclabError
+from esclab.logs import silence_known_noise
 from esclab.tracking import Tracker
 from esclab.training.data import FoldData, check_cache
 from esclab.training.history import EpochHistory
@@ -178,13 +179,18 @@ def train(cfg: DictConfig) -> dict | None:
     tracker = Tracker(cfg)  # creates the parent run before any fold process looks for it
     if cfg.fold is not None:
         train_fold(cfg, cfg.fold, tracker)
+        log.info("MLflow: %s", tracker.ui_url())
         return None
     folds = range(1, n_folds + 1)
-    if cfg.train.parallel_folds == 1:  # a positive integer: esclab.config checks it
-        for fold in folds:
-            train_fold(cfg, fold, tracker)
-    else:
-        train_folds_in_processes(cfg, folds, cfg.train.parallel_folds)
+    try:
+        if cfg.train.parallel_folds == 1:  # a positive integer: esclab.config checks it
+            for fold in folds:
+                train_fold(cfg, fold, tracker)
+        else:
+            train_folds_in_processes(cfg, folds, cfg.train.parallel_folds)
+    except BaseException:
+        tracker.fail()  # also when a fold in another process failed, after the others were done
+        raise
     return evaluate(cfg, tracker)
 
 
@@ -207,16 +213,23 @@ def train_folds_in_processes(cfg: DictConfig, folds: range, processes: int) -> N
 def train_fold_alone(cfg: DictConfig, fold: int) -> None:
     """One fold in a process of its own (the parent's logging setup does not reach a spawned process)."""
     logging.basicConfig(level=logging.INFO, format=f"[fold {fold}] %(name)s: %(message)s")
+    silence_known_noise()
     train_fold(cfg, fold, Tracker(cfg))
 
 
 def evaluate(cfg: DictConfig, tracker: Tracker | None = None) -> dict:
-    """Pool the folds' predictions into reports/ and onto the cross-validation's parent run."""
+    """Pool the folds' predictions into reports/ and onto the cross-validation's parent run, and end that run."""
     from esclab.evaluation.metrics import write_reports
 
     reports = Path(cfg.paths.reports)
-    metrics = write_reports(reports / "folds", Path(cfg.paths.features) / "index.csv", reports,
-                            n_folds=cfg.dataset.n_folds, top_k=cfg.evaluate.top_k)
-    (tracker or Tracker(cfg)).log_pooled(metrics, reports)
+    tracker = tracker or Tracker(cfg)
+    try:
+        metrics = write_reports(reports / "folds", Path(cfg.paths.features) / "index.csv", reports,
+                                n_folds=cfg.dataset.n_folds, top_k=cfg.evaluate.top_k)
+    except BaseException:
+        tracker.fail()
+        raise
+    tracker.log_pooled(metrics, reports)
     log.info("cross-validation: accuracy %.4f +- %.4f", metrics["accuracy_mean"], metrics["accuracy_std"])
+    log.info("MLflow: %s", tracker.ui_url())
     return metrics
