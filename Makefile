@@ -53,8 +53,9 @@ params: setup
 BENCH_STEP ?= --n-mels 64 --frames 128 --steps 10 --threads 1
 BENCH_CV   ?= --clips-per-class 5 --folds 1 --epochs 2
 
-## bench: features stage, training step, 5-fold wall-clock (prints, writes reports/bench/*.json)
+## bench: features stage, embedding stage, training step, 5-fold wall-clock (prints, writes reports/bench/*.json)
 bench: setup
 	python bench/features.py
+	python bench/embed.py
 	python bench/train_step.py $(BENCH_STEP)
 	python bench/cv_wallclock.py $(BENCH_CV)

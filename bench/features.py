@@ -16,11 +16,9 @@ from pathlib import Path
 import librosa
 import torch
 
-from report import parse_args, report
+from report import parse_args, report, synthetic_split
 
 from esclab.data.features import LogMelSettings, write_features
-from esclab.data.split import write_split
-from esclab.data.synthetic import write_tree
 
 
 def naive_loop(paths, s: LogMelSettings) -> None:
@@ -45,11 +43,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        raw = write_tree(tmp, n_classes=50, clips_per_class=args.clips_per_class)
-        split = tmp / "split.csv"
-        table = write_split(raw, split, n_classes=50, n_folds=5, esc10_only=False)
-        warm = tmp / "warm.csv"
-        table.head(20).to_csv(warm, index=False)
+        split, warm, table = synthetic_split(tmp, args.clips_per_class, warm_clips=20)
         paths = table["path"].tolist()
 
         write_features(warm, tmp / "warm", settings)

@@ -1,5 +1,5 @@
-"""What every benchmark shares: its --out (and --threads) options, and its ending, the result as a
-table on stdout and as JSON on disk."""
+"""What every benchmark shares: its --out (and --threads) options, an ESC-50-shaped synthetic dataset for
+the stage benchmarks, and its ending, the result as a table on stdout and as JSON on disk."""
 
 import argparse
 import json
@@ -20,6 +20,19 @@ def parse_args(parser: argparse.ArgumentParser, name: str, *, threads: bool = Tr
 
         torch.set_num_threads(args.threads)
     return args
+
+
+def synthetic_split(folder: Path, clips_per_class: int, warm_clips: int) -> tuple[Path, Path, pd.DataFrame]:
+    """50 classes of synthetic 5-s clips at 44.1 kHz in `folder`, split as the pipeline splits them: the split
+    table's path, the path of a table of its first `warm_clips` clips (for warming up), and the table."""
+    from esclab.data.split import write_split
+    from esclab.data.synthetic import write_tree
+
+    raw = write_tree(folder, n_classes=50, clips_per_class=clips_per_class)
+    split, warm = folder / "split.csv", folder / "warm.csv"
+    table = write_split(raw, split, n_classes=50, n_folds=5, esc10_only=False)
+    table.head(warm_clips).to_csv(warm, index=False)
+    return split, warm, table
 
 
 def report(result: dict, out: Path) -> None:

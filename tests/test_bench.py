@@ -45,3 +45,9 @@ def test_cv_wallclock_bench_extrapolates_a_reduced_run_to_the_full_one(tmp_path)
     assert result["input"] == [1, 128, 87] and result["measured_clips"] == 250
     assert result["full_run_extrapolated"] is True and result["measured_steady_epoch_s"] > 0
     assert result["full_run_s"] > result["measured_wall_s"] and "train_gflop_per_clip" in result
+
+
+def test_embed_bench_times_each_backbone(tmp_path):
+    result = bench("embed", tmp_path / "embed.json", "--clips-per-class", "5")
+    assert result["clips"] == 250 and [row["backbone"] for row in result["backbones"]] == ["yamnet"]
+    assert result["backbones"][0]["clips_per_s"] > 0 and result["peak_rss_mb"] > 0

@@ -120,14 +120,18 @@ TINY_STRONG = {
     "lr": 1e-3,
     "tracking": {"log_model": False},  # model logging has its own test (test_tracking.py); it costs ~10 s a fold
 }
+# Seed 001's system (frozen real YAMNet, a feed-forward head) at the same tiny sizes.
+TINY_YAMNET = {**TINY_STRONG, "defaults": ["yamnet_ffn", {"override /dataset": "synthetic"}],
+               "features": {"duration": 1.0}, "lr": 5e-4}
 
 
 @pytest.mark.slow
-def test_demo_reproduces_readme_then_nothing_to_do_a_restored_fold_and_an_experiment(tmp_path):
-    """`make demo`'s pipeline from clean gives README's Results row to the byte; then DVC's caching, and a
-    `dvc exp run` of the strong recipe at tiny sizes."""
+def test_demo_reproduces_readme_then_nothing_to_do_a_restored_fold_and_experiments(tmp_path):
+    """`make demo`'s pipeline from clean gives README's Results row to the byte; then DVC's caching, and
+    `dvc exp run`s of the strong recipe and of frozen YAMNet with a head, at tiny sizes."""
     repo = git_dvc_repo(tmp_path / "repo")
-    (repo / "conf/experiment/tiny_strong.yaml").write_text("# @package _global_\n" + yaml.safe_dump(TINY_STRONG))
+    for name, recipe in (("tiny_strong", TINY_STRONG), ("tiny_yamnet", TINY_YAMNET)):
+        (repo / f"conf/experiment/{name}.yaml").write_text("# @package _global_\n" + yaml.safe_dump(recipe))
     write_params(repo, "experiment=demo")
 
     first = run(repo, "dvc", "repro")
@@ -210,3 +214,10 @@ def test_demo_reproduces_readme_then_nothing_to_do_a_restored_fold_and_an_experi
     assert diff["optimizer.weight_decay"]["new"] == 0.05 and diff["augment.mixup.alpha"]["new"] == 0.2  # the recipe's
     shown = run(repo, "dvc", "exp", "list", "--name-only")
     assert shown.returncode == 0 and shown.stdout.strip(), shown.stdout + shown.stderr
+
+    # The pretrained path through the same stages: the real YAMNet's embedding cache, then a head per fold.
+    pretrained = run(repo, "dvc", "exp", "run", "-S", "experiment=tiny_yamnet")
+    assert pretrained.returncode == 0, pretrained.stdout[-3000:] + pretrained.stderr[-3000:]
+    assert stages_run(pretrained) == {"features", *(f"train@{k}" for k in range(1, 6)), "evaluate"}, pretrained.stdout
+    assert np.load(repo / "data/features/synthetic/embedding.npy", mmap_mode="r").shape == (25, 2, 1024)
+    assert len(json.loads((repo / "reports/metrics.json").read_text())["fold_accuracy"]) == 5

@@ -58,7 +58,9 @@ def test_the_val_fold_cannot_be_the_test_fold(tiny_data):
 def test_stale_feature_cache_is_detected(tiny_data):
     settings = json.loads((tiny_data["features"] / "features.json").read_text())["settings"]
     with pytest.raises(EsclabError, match=r"features.n_mels=64 \(cache has 32\).*dvc repro features"):
-        check_cache(tiny_data["features"], settings | {"n_mels": 64})
+        check_cache(tiny_data["features"], "logmel", settings | {"n_mels": 64})
+    with pytest.raises(EsclabError, match="holds logmel features, but features.representation=embedding"):
+        check_cache(tiny_data["features"], "embedding", {})
 
 
 def test_one_fold_writes_checkpoint_predictions_and_history(tiny_data, tmp_path):

@@ -41,12 +41,9 @@ def split(cfg: DictConfig) -> None:
 
 
 def features(cfg: DictConfig) -> None:
-    from esclab.data.features import LogMelSettings, write_features
+    from esclab.data.representations import write_cache
 
-    f = cfg.features
-    settings = LogMelSettings.from_config(f)
-    write_features(Path(cfg.paths.split), Path(cfg.paths.features), settings, device=f.device,
-                   batch_size=f.batch_size, num_workers=f.num_workers)
+    write_cache(Path(cfg.paths.split), Path(cfg.paths.features), cfg.features)
 
 
 def evaluate(cfg: DictConfig) -> None:

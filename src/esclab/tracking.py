@@ -91,6 +91,15 @@ def data_tags(paths: DictConfig) -> dict[str, str]:
         f"data.{name}.path": str(paths[name]) for name in DATA}
 
 
+def backbone_tags(features_dir: Path) -> dict[str, str]:
+    """A pretrained backbone's name and weights sha256, from the embedding cache it made (none for log-mel)."""
+    meta = features_dir / "features.json"
+    settings = json.loads(meta.read_text())["settings"] if meta.is_file() else {}
+    if "weights_sha256" not in settings:
+        return {}
+    return {"backbone": settings["backbone"], "backbone.weights.sha256": settings["weights_sha256"]}
+
+
 def git_tags() -> dict[str, str]:
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
@@ -146,7 +155,8 @@ class Tracker:
         mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient(self.uri)
         self.cfg = cfg
-        self.tags = data_tags(cfg.paths) | git_tags() | {HARDWARE_TAG: hardware()}
+        self.tags = (data_tags(cfg.paths) | backbone_tags(Path(cfg.paths.features)) | git_tags()
+                     | {HARDWARE_TAG: hardware()})
         self.key = run_key(cfg, self.tags)
         experiment = self.client.get_experiment_by_name(cfg.tracking.experiment)
         self.experiment_id = (experiment.experiment_id if experiment

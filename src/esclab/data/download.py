@@ -7,7 +7,6 @@ folder replaces the old one in one rename (esclab.atomic), so the split stage on
 ever sees a complete dataset or none.
 """
 
-import hashlib
 import logging
 import os
 import re
@@ -23,12 +22,13 @@ import requests
 from tqdm import tqdm
 
 from esclab.atomic import atomic_dir
+from esclab.checksums import sha256_of
 from esclab.errors import EsclabError
 
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 16  # bytes per network read: at most this much is lost when a connection drops
-HASH_BLOCK = 1 << 20
+COPY_BLOCK = 1 << 20
 OFFLINE = "pass dataset.archive=/path/to/local.zip (or dataset.source_dir=/path/to/ESC-50-master)"
 RETRYABLE = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
 
@@ -130,11 +130,7 @@ def verify(path: Path, *, sha256: str | None, size: int | None) -> str:
     if size is not None and actual_size != size:
         raise EsclabError(f"size mismatch for {path}: expected {size} bytes (dataset.size), got {actual_size}; "
                           f"{fix}; if you trust this archive, set dataset.size={actual_size}")
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(HASH_BLOCK), b""):
-            digest.update(block)
-    actual = digest.hexdigest()
+    actual = sha256_of(path)
     if sha256 is not None and actual != sha256.strip().lower():
         raise EsclabError(f"sha256 mismatch for {path}: expected {sha256} (dataset.sha256), got {actual}; "
                           f"{fix}; if you trust this archive, set dataset.sha256={actual}")
@@ -192,7 +188,7 @@ def unpack(archive: Path, dest: Path) -> Path:
                         continue
                     target.parent.mkdir(parents=True, exist_ok=True)
                     with zf.open(member) as src, target.open("wb") as out:
-                        shutil.copyfileobj(src, out, HASH_BLOCK)
+                        shutil.copyfileobj(src, out, COPY_BLOCK)
     except (zipfile.BadZipFile, EOFError, zlib.error) as err:
         raise EsclabError(f"{archive} is not a valid zip archive (truncated or corrupt? {err}): "
                           "delete it and rerun, or point dataset.archive at a good copy") from err

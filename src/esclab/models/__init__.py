@@ -7,20 +7,23 @@ needs no change to the training code. To add one:
    whose constructor takes keyword-only `n_classes`, `input_shape` and its
    layer sizes as plain typed arguments with defaults;
 2. add one line to `MODELS` below: `"<name>": ClassName`;
-3. add `conf/model/<name>.yaml` with `name: <name>` and every other key a
-   constructor argument; select it with `model=<name>`.
+3. add `conf/model/<name>.yaml` with `name: <name>`, `input:` (the representation
+   it reads: logmel or embedding) and every other key a constructor argument;
+   select it with `model=<name>`.
 """
 
 from torch import nn
 
 from esclab.errors import EsclabError
 from esclab.models.cnn4 import CNN4
+from esclab.models.ffn import FFN
 
-MODELS: dict[str, type[nn.Module]] = {"cnn4": CNN4}
+MODELS: dict[str, type[nn.Module]] = {"cnn4": CNN4, "ffn": FFN}
 
 
 def build_model(name: str, *, n_classes: int, input_shape: tuple[int, int], **layers) -> nn.Module:
-    """The network registered as `name`, for `n_classes` and inputs of (n_mels, n_frames) `input_shape`."""
+    """The network registered as `name`, for `n_classes` and cached rows of `input_shape` ((n_mels, n_frames) or
+    (windows, dim))."""
     if name not in MODELS:
         raise EsclabError(f"model={name} is not a known model; available: {', '.join(sorted(MODELS))}")
     return MODELS[name](n_classes=n_classes, input_shape=input_shape, **layers)

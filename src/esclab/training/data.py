@@ -26,8 +26,8 @@ from esclab.errors import EsclabError
 from esclab.training.seeding import epoch_permutation
 
 
-class LogMelRows(Dataset):
-    """Rows of the feature cache as (1 x mels x frames float32, label, row) with fixed normalisation.
+class CacheRows(Dataset):
+    """Rows of the feature cache as (1 x mels x frames, or 1 x windows x dim, float32, label, row), normalised.
 
     The cache is opened lazily, so a DataLoader worker maps the file itself instead
     of receiving a pickled copy of it.
@@ -96,16 +96,26 @@ class EpochShuffle(Sampler[int]):
         return iter(epoch_permutation(self.n, self.seed, self.epoch).tolist())
 
 
-def check_cache(features_dir: Path, settings: dict) -> None:
-    """Refuse a feature cache built with other settings than the current config's."""
+def check_cache(features_dir: Path, representation: str, settings: dict) -> None:
+    """Refuse a feature cache of another representation, or built with other settings than the config's."""
     meta_path = features_dir / "features.json"
     if not meta_path.is_file():
         raise EsclabError(f"{meta_path} not found: build the feature cache with `dvc repro features`")
-    built = json.loads(meta_path.read_text())["settings"]
+    meta = json.loads(meta_path.read_text())
+    cached = meta.get("representation", "logmel")
+    if cached != representation:
+        raise EsclabError(f"{features_dir} holds {cached} features, but features.representation={representation}: "
+                          "rebuild it with `dvc repro features`")
+    built = meta["settings"]
     changed = {k: (built.get(k), v) for k, v in settings.items() if k in built and built[k] != v}
     if changed:
         diff = ", ".join(f"features.{k}={now} (cache has {was})" for k, (was, now) in changed.items())
         raise EsclabError(f"{features_dir} was built with other settings: {diff}; rebuild it with `dvc repro features`")
+
+
+def cache_array(features_dir: Path) -> Path:
+    """The cache's array file: logmel.npy, or the one its features.json names (embedding.npy)."""
+    return features_dir / json.loads((features_dir / "features.json").read_text()).get("array", "logmel.npy")
 
 
 class FoldData(L.LightningDataModule):
@@ -129,7 +139,7 @@ class FoldData(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self.index = pd.read_csv(self.features_dir / "index.csv")
-        self.array = np.load(self.features_dir / "logmel.npy", mmap_mode="r")
+        self.array = np.load(cache_array(self.features_dir), mmap_mode="r")
         folds = self.index["fold"].to_numpy()
         if self.test_fold not in set(folds):
             raise EsclabError(f"fold={self.test_fold} is not a fold of {self.features_dir}; "
@@ -182,7 +192,7 @@ class FoldData(L.LightningDataModule):
         return self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
 
     def resident_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every row of the cache, normalised as `LogMelRows` does it, and every label, on `device`; loaded once.
+        """Every row of the cache, normalised as `CacheRows` does it, and every label, on `device`; loaded once.
 
         The float16 cache is read into memory as it is (torch refuses to wrap the read-only
         memory map) and widened on the device, which halves the copy.
@@ -200,7 +210,7 @@ class FoldData(L.LightningDataModule):
         sampler = EpochShuffle(len(rows), self.seed) if shuffle else None
         if self.resident is True or (self.resident == "auto" and self.device.type != "cpu"):
             return ResidentBatches(*self.resident_rows(), rows, self.batch_size, sampler)
-        dataset = LogMelRows(self.features_dir / "logmel.npy", self.index["label"].to_numpy(), rows, self.mean, self.std)
+        dataset = CacheRows(cache_array(self.features_dir), self.index["label"].to_numpy(), rows, self.mean, self.std)
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 

@@ -13,7 +13,6 @@ import json
 import logging
 import shutil
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
 
 from esclab.atomic import atomic_file
-from esclab.data.features import LogMelSettings
+from esclab.data.representations import cache_settings, check_learner, representation
 from esclab.errors import EsclabError
 from esclab.logs import silence_known_noise
 from esclab.tracking import Tracker
@@ -175,7 +174,8 @@ def train(cfg: DictConfig) -> dict | None:
     n_folds = cfg.dataset.n_folds
     if cfg.fold is not None and cfg.fold not in range(1, n_folds + 1):
         raise EsclabError(f"fold={cfg.fold} is not a fold: use 1..{n_folds}, or fold=null for all of them")
-    check_cache(Path(cfg.paths.features), asdict(LogMelSettings.from_config(cfg.features)))
+    check_learner(cfg.model, cfg.features)
+    check_cache(Path(cfg.paths.features), representation(cfg.features), cache_settings(cfg.features))
     tracker = Tracker(cfg)  # creates the parent run before any fold process looks for it
     if cfg.fold is not None:
         train_fold(cfg, cfg.fold, tracker)

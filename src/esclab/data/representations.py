@@ -1,0 +1,56 @@
+"""What the features stage caches, chosen by `features.representation`, and which learners read it.
+
+- `logmel` (data/features.py): clips x mels x frames, for the CNNs (`model=cnn4`).
+- `embedding` (data/embeddings.py): clips x windows x dim of a frozen pretrained
+  backbone (`features=yamnet`), for the heads (`model=ffn`).
+
+A learner names what it reads in `conf/model/<name>.yaml` (`input:`); training
+refuses a mismatch, or a cache built with other settings, before it starts.
+"""
+
+from dataclasses import asdict
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from esclab.errors import EsclabError
+
+REPRESENTATIONS = ("logmel", "embedding")
+READERS = {"logmel": "model=cnn4", "embedding": "model=ffn"}
+CHOICES = {"logmel": "features=logmel", "embedding": "features=yamnet"}
+
+
+def representation(features: DictConfig) -> str:
+    name = features.representation
+    if name not in REPRESENTATIONS:
+        raise EsclabError(f"features.representation={name} is not one of {', '.join(REPRESENTATIONS)}")
+    return name
+
+
+def cache_settings(features: DictConfig) -> dict:
+    """The settings a cache for `features` must have been built with (its features.json says)."""
+    from esclab.data.embeddings import embedding_settings
+    from esclab.data.features import LogMelSettings
+
+    if representation(features) == "logmel":
+        return asdict(LogMelSettings.from_config(features))
+    return asdict(embedding_settings(features))
+
+
+def write_cache(split_csv: Path, out_dir: Path, features: DictConfig) -> Path:
+    """The features stage: the cache of `features.representation` for every clip of the split table."""
+    from esclab.data.embeddings import write_embeddings
+    from esclab.data.features import LogMelSettings, write_features
+
+    if representation(features) == "logmel":
+        return write_features(split_csv, out_dir, LogMelSettings.from_config(features), device=features.device,
+                              batch_size=features.batch_size, num_workers=features.num_workers)
+    return write_embeddings(split_csv, out_dir, features)
+
+
+def check_learner(model: DictConfig, features: DictConfig) -> None:
+    """Refuse a learner that cannot read the representation the features stage caches."""
+    cached, reads = representation(features), model.input
+    if reads != cached:
+        raise EsclabError(f"model={model.name} reads {reads} features, but features.representation={cached}: "
+                          f"choose {CHOICES[reads]}, or a learner of {cached} features ({READERS[cached]})")

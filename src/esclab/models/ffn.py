@@ -1,0 +1,40 @@
+"""Seed 001's head on a frozen backbone's embeddings: pool the clip's windows, then a small feed-forward net.
+
+Pooling is the head's choice because the embedding cache keeps every window:
+`mean` (the usual clip embedding), `max` (the loudest evidence of each feature),
+or `both` side by side.
+"""
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from esclab.errors import EsclabError
+
+POOLINGS = ("mean", "max", "both")
+
+
+class FFN(nn.Module):
+    """Embeddings (batch, 1, windows, dim) -> class logits (batch, n_classes)."""
+
+    def __init__(self, *, n_classes: int, input_shape: tuple[int, int], pooling: str = "mean",
+                 hidden: Sequence[int] = (256,), dropout: float = 0.3):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise EsclabError(f"model.pooling={pooling!r} is not one of {', '.join(POOLINGS)}")
+        self.pooling = pooling
+        width = input_shape[1] * (2 if pooling == "both" else 1)
+        layers: list[nn.Module] = []
+        for i, units in enumerate(hidden):
+            layers += [nn.Dropout(dropout)] if i else []
+            layers += [nn.Linear(width, units), nn.ReLU()]
+            width = units
+        layers += [nn.Dropout(dropout), nn.Linear(width, n_classes)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        windows = x.squeeze(1)
+        pooled = {"mean": lambda: windows.mean(dim=1), "max": lambda: windows.amax(dim=1),
+                  "both": lambda: torch.cat([windows.mean(dim=1), windows.amax(dim=1)], dim=1)}[self.pooling]()
+        return self.net(pooled)

@@ -1,0 +1,142 @@
+"""The embedding representation: a real YAMNet run once over every clip, a head trained per fold on the cache."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import REPO, compose_config, printed_warnings
+
+from esclab.data.embeddings import ARRAY
+from esclab.data.representations import cache_settings, check_learner, write_cache
+from esclab.data.split import write_split
+from esclab.errors import EsclabError
+from esclab.models import build_model
+from esclab.models.backbones import yamnet
+from esclab.training.data import check_cache
+
+YAMNET = ("features=yamnet", "features.duration=1.0")
+
+
+@pytest.fixture(scope="module")
+def split_csv(tiny_tree, tmp_path_factory):
+    path = tmp_path_factory.mktemp("embedding_split") / "split.csv"
+    write_split(tiny_tree, path, n_classes=5, n_folds=5, esc10_only=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cache(split_csv, tmp_path_factory):
+    return write_cache(split_csv, tmp_path_factory.mktemp("embedding") / "features", compose_config(*YAMNET).features)
+
+
+def test_cache_holds_every_window_of_every_clip_in_split_order(cache, split_csv):
+    array = np.load(cache / ARRAY, mmap_mode="r")
+    assert array.shape == (25, 2, yamnet.EMBEDDING_DIM) and array.dtype == np.float16  # 1 s: two 0.96 s windows
+    assert list(pd.read_csv(cache / "index.csv")["path"]) == list(pd.read_csv(split_csv)["path"])
+    meta = json.loads((cache / "features.json").read_text())
+    assert meta["representation"] == "embedding" and meta["array"] == ARRAY
+    assert meta["settings"] == {"backbone": "yamnet", "weights_sha256": yamnet.SHA256, "sample_rate": 16000,
+                                "duration": 1.0}
+    # Row i is the backbone's embedding of clip i, to float16 precision.
+    first, _ = yamnet.YamNet()(_clip(split_csv, 0))
+    assert np.allclose(array[0], first, atol=1e-2, rtol=1e-2)
+
+
+def _clip(split_csv, row):
+    from esclab.data.features import load_clip
+
+    return load_clip(pd.read_csv(split_csv)["path"][row], sample_rate=16000, n_samples=16000)
+
+
+def test_a_rebuilt_cache_is_byte_identical(cache, split_csv, tmp_path):
+    again = write_cache(split_csv, tmp_path / "features", compose_config(*YAMNET).features)
+    for name in (ARRAY, "index.csv", "features.json"):
+        assert (again / name).read_bytes() == (cache / name).read_bytes(), name
+
+
+def test_other_weights_or_another_duration_make_the_cache_stale(cache, tmp_path):
+    check_cache(cache, "embedding", cache_settings(compose_config(*YAMNET).features))
+    with pytest.raises(EsclabError, match=r"features.duration=5.0 \(cache has 1.0\)"):
+        check_cache(cache, "embedding", cache_settings(compose_config("features=yamnet").features))
+    built = json.loads((cache / "features.json").read_text())["settings"]
+    with pytest.raises(EsclabError, match="features.weights_sha256=.*dvc repro features"):
+        check_cache(cache, "embedding", built | {"weights_sha256": "0" * 64})
+
+
+def test_wrong_weights_are_refused_before_anything_is_written(split_csv, tmp_path):
+    bad = tmp_path / "weights.zip"
+    bad.write_bytes(yamnet.default_weights().read_bytes()[:1000])
+    features = compose_config(*YAMNET, f"features.weights={bad}").features
+    with pytest.raises(EsclabError, match=f"sha256 mismatch for YAMNet weights {bad} \\(features.weights\\)"):
+        write_cache(split_csv, tmp_path / "features", features)
+    assert not (tmp_path / "features").exists() and not list(tmp_path.glob(".features*"))
+
+
+def test_a_weights_copy_elsewhere_gives_the_same_cache(cache, split_csv, tmp_path):
+    copy = shutil.copy(yamnet.default_weights(), tmp_path / "YamNet_w8a8.onnx.zip")
+    again = write_cache(split_csv, tmp_path / "features", compose_config(*YAMNET, f"features.weights={copy}").features)
+    assert (again / ARRAY).read_bytes() == (cache / ARRAY).read_bytes()
+
+
+def test_a_learner_that_cannot_read_the_representation_is_refused_in_one_line():
+    cfg = compose_config("features=yamnet", "model=cnn4")
+    with pytest.raises(EsclabError, match="model=cnn4 reads logmel features, but features.representation=embedding: "
+                                          "choose features=logmel"):
+        check_learner(cfg.model, cfg.features)
+    cfg = compose_config("model=ffn")
+    with pytest.raises(EsclabError, match="model=ffn reads embedding features.*choose features=yamnet"):
+        check_learner(cfg.model, cfg.features)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "max", "both"])
+def test_the_head_pools_the_windows(pooling):
+    head = build_model("ffn", n_classes=3, input_shape=(4, 8), pooling=pooling, hidden=[5], dropout=0.0).eval()
+    x = torch.randn(2, 1, 4, 8)
+    logits = head(x)
+    assert logits.shape == (2, 3)
+    assert torch.allclose(head(x[:, :, torch.randperm(4)]), logits, atol=1e-6)  # window order does not matter
+
+
+def test_an_unknown_pooling_is_refused():
+    with pytest.raises(EsclabError, match="model.pooling='median'"):
+        build_model("ffn", n_classes=3, input_shape=(4, 8), pooling="median")
+
+
+def test_train_py_runs_the_yamnet_ffn_experiment_end_to_end(cache, split_csv, tiny_tree, tmp_path):
+    """`python train.py experiment=yamnet_ffn`, at tiny sizes: every fold, pooled metrics, MLflow runs, a logged model."""
+    overrides = ["experiment=yamnet_ffn", "dataset=synthetic", "dataset.synthetic.n_classes=5", *YAMNET[1:],
+                 f"paths.raw={tiny_tree}", f"paths.split={split_csv}", f"paths.features={cache}",
+                 f"paths.models={tmp_path / 'models'}", f"paths.reports={tmp_path / 'reports'}",
+                 f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "trainer.max_epochs=3",
+                 "trainer.enable_progress_bar=false", "train.batch_size=8"]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    result = subprocess.run([sys.executable, str(REPO / "train.py"), *overrides], cwd=tmp_path, env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert printed_warnings(result.stdout + result.stderr) == []
+    metrics = json.loads((tmp_path / "reports/metrics.json").read_text())
+    assert len(metrics["fold_accuracy"]) == 5 and metrics["n_clips"] == 25
+    for fold in range(1, 6):
+        predictions = pd.read_csv(tmp_path / f"reports/folds/{fold}/predictions.csv")
+        assert set(predictions["fold"]) == {fold}  # each fold's model predicts only the fold it never saw
+
+    import mlflow
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("esclab").experiment_id])
+    child = next(r for r in runs if r.data.tags["esclab.fold"] == "1")
+    assert child.data.params["features.backbone"] == "yamnet" and child.data.params["model.name"] == "ffn"
+    assert child.data.tags["data.features.md5"].endswith(".dir")
+    assert child.data.tags["backbone.weights.sha256"] == yamnet.SHA256
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    models = mlflow.search_logged_models(experiment_ids=[child.info.experiment_id], output_format="list")
+    model = mlflow.pyfunc.load_model(next(m.model_uri for m in models if m.source_run_id == child.info.run_id))
+    probs = np.asarray(model.predict(np.load(cache / ARRAY)[:3].astype(np.float32)))
+    assert probs.shape == (3, 5) and np.allclose(probs.sum(axis=1), 1, atol=1e-5)
