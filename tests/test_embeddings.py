@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -140,3 +141,64 @@ def test_train_py_runs_the_yamnet_ffn_experiment_end_to_end(cache, split_csv, ti
     model = mlflow.pyfunc.load_model(next(m.model_uri for m in models if m.source_run_id == child.info.run_id))
     probs = np.asarray(model.predict(np.load(cache / ARRAY)[:3].astype(np.float32)))
     assert probs.shape == (3, 5) and np.allclose(probs.sum(axis=1), 1, atol=1e-5)
+
+
+def train_head(cache: Path, tiny_tree: Path, out: Path, *overrides: str) -> Path:
+    from esclab.training.run import train
+
+    train(compose_config("experiment=yamnet_svm", "dataset=synthetic", "dataset.synthetic.n_classes=5", *YAMNET[1:],
+                         f"paths.raw={tiny_tree}", f"paths.split={cache / 'index.csv'}", f"paths.features={cache}",
+                         f"paths.models={out / 'models'}", f"paths.reports={out / 'reports'}",
+                         f"tracking.uri=sqlite:///{out / 'mlflow.db'}", *overrides))
+    return out / "reports/folds"
+
+
+@pytest.mark.parametrize("head", ["svm", "logistic"])
+def test_a_head_chooses_C_without_ever_seeing_the_test_fold(cache, tiny_tree, tmp_path, head):
+    """The same head on a cache whose test-fold rows are replaced by noise: the same fit, the same choice of C
+    (history.csv to the byte); only the test predictions differ."""
+    scrambled = Path(shutil.copytree(cache, tmp_path / "scrambled"))
+    array = np.load(scrambled / ARRAY, mmap_mode="r+")
+    test_rows = np.flatnonzero(pd.read_csv(scrambled / "index.csv")["fold"].to_numpy() == 2)
+    array[test_rows] = np.random.default_rng(0).normal(0, 5, array[test_rows].shape).astype(np.float16)
+    array.flush()
+    overrides = (f"model={head}", "fold=2", "tracking.log_model=false")
+    clean, noisy = (train_head(c, tiny_tree, tmp_path / name, *overrides)
+                    for name, c in (("clean", cache), ("noisy", scrambled)))
+    assert (clean / "2/history.csv").read_bytes() == (noisy / "2/history.csv").read_bytes()
+    history = pd.read_csv(clean / "2/history.csv")
+    assert list(history["C"]) == list(compose_config(f"model={head}").model.C)
+    assert (clean / "2/predictions.csv").read_bytes() != (noisy / "2/predictions.csv").read_bytes()
+
+
+def test_the_svm_experiment_pools_its_folds_and_logs_a_model_that_gives_probabilities(cache, tiny_tree, tmp_path):
+    import mlflow
+    from mlflow import MlflowClient
+
+    folds = train_head(cache, tiny_tree, tmp_path)
+    metrics = json.loads((tmp_path / "reports/metrics.json").read_text())
+    assert len(metrics["fold_accuracy"]) == 5 and metrics["n_clips"] == 25
+    for fold in range(1, 6):
+        predictions = pd.read_csv(folds / f"{fold}/predictions.csv")
+        assert set(predictions["fold"]) == {fold}
+        assert np.allclose(predictions.filter(like="prob_").sum(axis=1), 1, atol=1e-5)
+        assert (tmp_path / f"models/fold_{fold}.ckpt").is_file()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    child = next(r for r in client.search_runs([client.get_experiment_by_name("esclab").experiment_id])
+                 if r.data.tags["esclab.fold"] == "3")
+    assert child.data.params["model.name"] == "svm" and {"val/acc", "test/acc"} <= set(child.data.metrics)
+    mlflow.set_tracking_uri(uri)
+    models = mlflow.search_logged_models(experiment_ids=[child.info.experiment_id], output_format="list")
+    model = mlflow.pyfunc.load_model(next(m.model_uri for m in models if m.source_run_id == child.info.run_id))
+    probs = np.asarray(model.predict(np.load(cache / ARRAY)[:3].astype(np.float32)))
+    assert probs.shape == (3, 5) and np.allclose(probs.sum(axis=1), 1, atol=1e-5)
+
+
+def test_bad_C_is_refused_by_name():
+    from esclab.models.heads import candidates
+
+    with pytest.raises(EsclabError, match=r"model.C=\[0, 1\] must be a list of positive numbers"):
+        candidates("svm", C=[0, 1], pooling="mean", seed=0)
+    with pytest.raises(EsclabError, match="model=logistic has no setting kernel"):
+        candidates("logistic", C=[1], pooling="mean", seed=0, kernel="linear")

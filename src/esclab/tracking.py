@@ -43,6 +43,8 @@ FOLD_TAG = "esclab.fold"
 HARDWARE_TAG = "esclab.hardware"
 DATA = ("raw", "split", "features")  # the paths.* whose DVC hashes tag every run
 UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
+SKOPS_TRUSTED = ["esclab.models.heads.pool", "functools.partial", "sklearn.calibration._CalibratedClassifier",
+                 "sklearn.calibration._SigmoidCalibration"]
 
 
 def resolve_uri(configured: str | None) -> str:
@@ -226,6 +228,15 @@ class Tracker:
         with mlflow.start_run(run_id=run_id), torch.no_grad():
             signature = mlflow.models.infer_signature(example.numpy(), model(example).numpy())
             mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=example.numpy())
+
+    def log_head(self, run_id: str, pipeline, example) -> None:
+        """Log a scikit-learn head that maps a batch of raw embedding rows to class probabilities."""
+        with mlflow.start_run(run_id=run_id):
+            signature = mlflow.models.infer_signature(example, pipeline.predict_proba(example))
+            # MLflow saves it with skops, which loads only the types it is told to trust: those skops does not
+            # know by itself (esclab's window pooling, the SVM's calibration).
+            mlflow.sklearn.log_model(pipeline, name="model", signature=signature, input_example=example,
+                                     pyfunc_predict_fn="predict_proba", skops_trusted_types=SKOPS_TRUSTED)
 
     def log_pooled(self, metrics: dict, reports: Path) -> None:
         """The cross-validation's pooled metrics and reports on the parent run, which this ends."""

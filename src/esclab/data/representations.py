@@ -2,7 +2,7 @@
 
 - `logmel` (data/features.py): clips x mels x frames, for the CNNs (`model=cnn4`).
 - `embedding` (data/embeddings.py): clips x windows x dim of a frozen pretrained
-  backbone (`features=yamnet`), for the heads (`model=ffn`).
+  backbone (`features=yamnet`), for the heads (`model=ffn`, `svm`, `logistic`).
 
 A learner names what it reads in `conf/model/<name>.yaml` (`input:`); training
 refuses a mismatch, or a cache built with other settings, before it starts.
@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from esclab.errors import EsclabError
 
 REPRESENTATIONS = ("logmel", "embedding")
-READERS = {"logmel": "model=cnn4", "embedding": "model=ffn"}
+READERS = {"logmel": "model=cnn4", "embedding": "model=ffn, svm or logistic"}
 CHOICES = {"logmel": "features=logmel", "embedding": "features=yamnet"}
 
 

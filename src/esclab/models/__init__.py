@@ -1,4 +1,4 @@
-"""The networks a config can name, by the key `model.name`.
+"""The networks a config can name, by the key `model.name` (scikit-learn heads are in heads.py).
 
 Training builds its network only through `build_model`, so a new architecture
 needs no change to the training code. To add one:

@@ -12,22 +12,27 @@ A whole cross-validation (fold=null) also pools the folds into `reports/`; with
 import json
 import logging
 import shutil
+import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
+import joblib
 import lightning as L
+import mlflow
 import numpy as np
 import pandas as pd
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
+from sklearn.metrics import log_loss
 
 from esclab.atomic import atomic_file
 from esclab.data.representations import cache_settings, check_learner, representation
 from esclab.errors import EsclabError
 from esclab.logs import silence_known_noise
+from esclab.models.heads import HEADS, candidates
 from esclab.tracking import Tracker
 from esclab.training.data import FoldData, check_cache
 from esclab.training.history import EpochHistory
@@ -87,10 +92,12 @@ def build_classifier(cfg: DictConfig, data: FoldData) -> Classifier:
 
 
 def train_fold(cfg: DictConfig, fold: int, tracker: Tracker) -> pd.DataFrame:
-    """Fit on every fold but `fold`, predict `fold` with the best checkpoint; returns the predictions.
+    """Fit on every fold but `fold`, predict `fold` with the model validation chose; returns the predictions.
 
     A fold already finished with this config and data is not trained again; an
-    unfinished one (killed, or failed) resumes from its last epoch's checkpoint.
+    unfinished network (killed, or failed) resumes from its last epoch's checkpoint.
+    Networks train with Lightning (`fit_network`), scikit-learn heads with their own
+    fit (`fit_head`); both leave the same outputs.
     """
     reports = Path(cfg.paths.reports) / "folds" / str(fold)
     target = Path(cfg.paths.models) / f"fold_{fold}.ckpt"
@@ -99,6 +106,24 @@ def train_fold(cfg: DictConfig, fold: int, tracker: Tracker) -> pd.DataFrame:
         log.info("fold %d: already trained with this config and data (%s); skipping", fold, record)
         return pd.read_csv(reports / "predictions.csv")
 
+    fit = fit_head if cfg.model.name in HEADS else fit_network
+    with tracker.fold_run(fold) as run_id:
+        predictions, history = fit(cfg, fold, tracker, run_id, target)
+        accuracy = float((predictions["pred"] == predictions["label"]).mean())
+        tracker.client.log_metric(run_id, "test/acc", accuracy)
+        write_csv(predictions, reports / "predictions.csv")
+        write_csv(history, reports / "history.csv")
+        tracker.client.log_artifact(run_id, str(target), artifact_path="checkpoint")
+        with atomic_file(record) as tmp:  # written last: the fold counts as finished only once it exists
+            tmp.write_text(json.dumps({"run_key": tracker.key, "test_acc": accuracy}, indent=2) + "\n")
+    shutil.rmtree(Path(cfg.paths.models) / f".fold_{fold}", ignore_errors=True)
+    log.info("fold %d: test accuracy %.4f (%d clips)", fold, accuracy, len(predictions))
+    return predictions
+
+
+def fit_network(cfg: DictConfig, fold: int, tracker: Tracker, run_id: str, target: Path
+                ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Lightning: keep the best-validation checkpoint as `target`; its test predictions and the epoch history."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     data = fold_data(cfg, fold)
     module = build_classifier(cfg, data)
@@ -114,33 +139,62 @@ def train_fold(cfg: DictConfig, fold: int, tracker: Tracker) -> pd.DataFrame:
     if cfg.train.early_stopping_patience:
         callbacks.append(EarlyStopping(monitor, patience=cfg.train.early_stopping_patience, mode=mode))
 
-    with tracker.fold_run(fold) as run_id:
-        logger = MLFlowLogger(tracking_uri=tracker.uri, run_id=run_id, log_model=False)
-        trainer = L.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), logger=logger, callbacks=callbacks,
-                            default_root_dir=work, enable_model_summary=False)
-        trainer.fit(module, datamodule=data, ckpt_path=resume)
-        best = Classifier.load_from_checkpoint(checkpoint.best_model_path, map_location="cpu")
-        # Not compiled: compiling pays off over many training steps, not over one pass of the test fold.
-        speed_up(best.model, channels_last=cfg.train.channels_last)
-        batches = trainer.predict(best, datamodule=data)
-        rows = torch.cat([r for r, _ in batches]).numpy()
-        probs = torch.cat([p for _, p in batches]).numpy()
-        predictions = prediction_table(data.index, rows, probs)
-        accuracy = float((predictions["pred"] == predictions["label"]).mean())
-        logger.log_metrics({"test/acc": accuracy})
-        write_csv(predictions, reports / "predictions.csv")
-        write_csv(history.table(), reports / "history.csv")
-        with atomic_file(target) as tmp:
-            shutil.copyfile(checkpoint.best_model_path, tmp)
-        tracker.client.log_artifact(run_id, str(target), artifact_path="checkpoint")
-        if cfg.tracking.log_model:
-            example = torch.from_numpy(np.asarray(data.array[data.test_rows[:2]], dtype=np.float32))
-            tracker.log_model(run_id, Probabilities(best.model, data.mean, data.std).eval(), example)
-        with atomic_file(record) as tmp:  # written last: the fold counts as finished only once it exists
-            tmp.write_text(json.dumps({"run_key": tracker.key, "test_acc": accuracy}, indent=2) + "\n")
-    shutil.rmtree(work, ignore_errors=True)
-    log.info("fold %d: test accuracy %.4f (%d clips)", fold, accuracy, len(predictions))
-    return predictions
+    logger = MLFlowLogger(tracking_uri=tracker.uri, run_id=run_id, log_model=False)
+    trainer = L.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), logger=logger, callbacks=callbacks,
+                        default_root_dir=work, enable_model_summary=False)
+    trainer.fit(module, datamodule=data, ckpt_path=resume)
+    best = Classifier.load_from_checkpoint(checkpoint.best_model_path, map_location="cpu")
+    # Not compiled: compiling pays off over many training steps, not over one pass of the test fold.
+    speed_up(best.model, channels_last=cfg.train.channels_last)
+    batches = trainer.predict(best, datamodule=data)
+    rows = torch.cat([r for r, _ in batches]).numpy()
+    probs = torch.cat([p for _, p in batches]).numpy()
+    with atomic_file(target) as tmp:
+        shutil.copyfile(checkpoint.best_model_path, tmp)
+    if cfg.tracking.log_model:
+        example = torch.from_numpy(np.asarray(data.array[data.test_rows[:2]], dtype=np.float32))
+        tracker.log_model(run_id, Probabilities(best.model, data.mean, data.std).eval(), example)
+    return prediction_table(data.index, rows, probs), history.table()
+
+
+def fit_head(cfg: DictConfig, fold: int, tracker: Tracker, run_id: str, target: Path
+             ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """scikit-learn: one fit per value of model.C on the training rows, the best on the validation rows kept
+    (saved with joblib as `target`); its test predictions, and one history row per C tried."""
+    data = fold_data(cfg, fold)
+    labels, n_classes = data.index["label"].to_numpy(), data.n_classes
+    options = {k: v for k, v in OmegaConf.to_container(cfg.model).items() if k not in ("name", "input")}
+
+    def rows(which: np.ndarray) -> np.ndarray:
+        return np.asarray(data.array[which], dtype=np.float32)
+
+    def probabilities(pipeline, which: np.ndarray) -> np.ndarray:
+        """Every class's column, also one the training rows lacked; rows summing to 1 in float64."""
+        full = np.zeros((len(which), n_classes))
+        full[:, pipeline.classes_] = pipeline.predict_proba(rows(which))
+        return full / full.sum(axis=1, keepdims=True)
+
+    history, best = [], None
+    for step, pipeline in enumerate(candidates(cfg.model.name, seed=cfg.seed, **options)):
+        pipeline.fit(rows(data.train_rows), labels[data.train_rows])
+        train, val = probabilities(pipeline, data.train_rows), probabilities(pipeline, data.val_rows)
+        entry = {"epoch": step, "C": options["C"][step],
+                 "train/loss": log_loss(labels[data.train_rows], train, labels=range(n_classes)),
+                 "train/acc": float((train.argmax(1) == labels[data.train_rows]).mean()),
+                 "val/loss": log_loss(labels[data.val_rows], val, labels=range(n_classes)),
+                 "val/acc": float((val.argmax(1) == labels[data.val_rows]).mean())}
+        tracker.client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, v, int(time.time() * 1000), step)
+                                                  for k, v in entry.items() if "/" in k])
+        history.append(entry)
+        if best is None or entry["val/acc"] > best[0]:
+            best = entry["val/acc"], pipeline
+    pipeline = best[1]
+    with atomic_file(target) as tmp:
+        joblib.dump(pipeline, tmp)
+    if cfg.tracking.log_model:
+        tracker.log_head(run_id, pipeline, rows(data.test_rows[:2]))
+    predictions = prediction_table(data.index, data.test_rows, probabilities(pipeline, data.test_rows))
+    return predictions, pd.DataFrame(history)
 
 
 def resume_point(work: Path, key: str) -> Path | None:

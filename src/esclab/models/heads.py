@@ -1,0 +1,57 @@
+"""scikit-learn heads on a frozen backbone's embeddings: logistic regression and an SVM (seed 002's learner).
+
+A head is a pipeline from the cache's raw rows (clips x windows x dim) to class
+probabilities: pool the windows (mean, max or both), standardise with the
+training rows' statistics, then the classifier. Its regularisation strength C is
+the one hyper-parameter, chosen per fold on the validation clips (never the test
+fold) from `model.C`, a list.
+"""
+
+import inspect
+from collections.abc import Sequence
+from functools import partial
+
+import numpy as np
+from sklearn.calibration import CalibratedClassifierCV
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import FunctionTransformer, StandardScaler
+from sklearn.svm import SVC
+
+from esclab.errors import EsclabError
+from esclab.models.ffn import POOLINGS
+
+
+def pool(rows: np.ndarray, how: str) -> np.ndarray:
+    """(clips, windows, dim) -> (clips, dim), or (clips, 2 dim) for `both`."""
+    rows = np.asarray(rows, dtype=np.float32)
+    means, maxes = rows.mean(axis=1), rows.max(axis=1)
+    return {"mean": means, "max": maxes, "both": np.concatenate([means, maxes], axis=1)}[how]
+
+
+def logistic(C: float, seed: int) -> LogisticRegression:
+    return LogisticRegression(C=C, max_iter=2000, random_state=seed)
+
+
+def svm(C: float, seed: int, kernel: str = "rbf") -> CalibratedClassifierCV:
+    """An SVC whose probabilities are Platt-scaled on 3-fold cross-validated decision values of the training rows
+    (what scikit-learn 1.9 advises instead of SVC(probability=True)); the SVC itself is refitted on all of them.
+    `seed` is unused: nothing here is random."""
+    return CalibratedClassifierCV(SVC(C=C, kernel=kernel), method="sigmoid", cv=3, ensemble=False)
+
+
+HEADS = {"logistic": logistic, "svm": svm}
+
+
+def candidates(name: str, *, C: Sequence[float], pooling: str, seed: int, **options) -> list[Pipeline]:
+    """One pipeline per value of C, in the order given."""
+    if pooling not in POOLINGS:
+        raise EsclabError(f"model.pooling={pooling!r} is not one of {', '.join(POOLINGS)}")
+    if not C or any(not isinstance(c, int | float) or c <= 0 for c in C):
+        raise EsclabError(f"model.C={list(C)} must be a list of positive numbers, e.g. [0.1, 1, 10]")
+    unknown = set(options) - set(inspect.signature(HEADS[name]).parameters)
+    if unknown:
+        raise EsclabError(f"model={name} has no setting {', '.join(sorted(unknown))}: remove it (an experiment made "
+                          f"for another head may have set it), see conf/model/{name}.yaml")
+    return [make_pipeline(FunctionTransformer(partial(pool, how=pooling)), StandardScaler(),
+                          HEADS[name](float(c), seed, **options)) for c in C]
