@@ -36,7 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from esclab import cli
 from esclab.data.features import LogMelSettings
-from esclab.models import build_model
+from esclab.models import build_model, model_settings
 from esclab.training.run import fold_data, train
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -63,7 +63,7 @@ def steady_epoch_seconds(tracking_uri: str, experiment: str) -> float | None:
 
 def flops_per_clip(cfg, settings: LogMelSettings) -> tuple[float, float]:
     """FLOPs of one clip in a training step (forward, loss, backward) and in an evaluation forward."""
-    layers = {k: v for k, v in cfg.model.items() if k not in ("name", "input")}
+    layers = model_settings(cfg.model)
     network = build_model(cfg.model.name, n_classes=cfg.dataset.n_classes,
                           input_shape=(settings.n_mels, settings.n_frames), **layers)
     x = torch.randn(2, 1, settings.n_mels, settings.n_frames)  # FLOPs grow linearly with the batch

@@ -7,7 +7,7 @@ from conftest import REPO
 from torch import nn
 
 from esclab.errors import EsclabError
-from esclab.models import build_model
+from esclab.models import build_model, model_settings
 from esclab.models.cnn4 import CNN4
 
 # The seed loaded clips with librosa's defaults: 22.05 kHz, 5 s, hop 512, 128 mels -> 128 x 216.
@@ -84,10 +84,23 @@ def test_unknown_model_is_refused_with_the_choices():
 
 def test_every_config_key_is_a_constructor_argument():
     config = yaml.safe_load((REPO / "conf" / "model" / "cnn4.yaml").read_text())
-    layers = {k: v for k, v in config.items() if k != "name"}
-    assert set(layers) == {"channels", "kernel_size", "fc_dim", "dropout"}
+    layers = model_settings(config)
+    assert set(layers) == {"channels", "kernel_size", "fc_dim", "dropout"} and config["input"] == "logmel"
     model = build_model(config["name"], n_classes=50, input_shape=(32, 126), **layers)
     assert sum(p.numel() for p in model.parameters()) == expected_parameters(512 * 2 * 7, 50)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "conf" / "model").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_model_config_builds_and_names_what_it_reads(path):
+    from esclab.models.heads import HEADS, candidates
+
+    config = yaml.safe_load(path.read_text())
+    assert config["name"] == path.stem and config["input"] in ("logmel", "embedding")
+    if config["name"] in HEADS:
+        assert candidates(config["name"], seed=0, **model_settings(config))
+    else:
+        shape = (32, 126) if config["input"] == "logmel" else (10, 1024)
+        assert build_model(config["name"], n_classes=5, input_shape=shape, **model_settings(config))
 
 
 def test_even_kernel_is_refused():

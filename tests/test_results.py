@@ -43,8 +43,10 @@ def test_partial_runs_say_which_folds_and_full_ones_give_mean_and_spread(tmp_pat
     full = {"accuracy_mean": 0.97, "accuracy_std": 0.048477, "macro_f1": 0.970078,
             "fold_accuracy": {"1": 1.0, "2": 0.875, "3": 1.0, "4": 1.0, "5": 0.975}}
     (folder / "2.json").write_text(json.dumps(base | {"metrics": full}))
+    (folder / "3.json").write_text(json.dumps(base | {"metrics": {}, "data": {"raw": "", "split": "", "features": ""}}))
     rows = render_table(load_records(folder)).splitlines()[2:]
     assert "fold 1 only: **50.75 %**" in rows[0] and "| – |" in rows[0]
+    assert "not recorded yet" in rows[2] and "| – / – / – |" in rows[2]  # a new row, before its first run
     assert "**97.00 ± 4.85 %** (folds 100, 87.5, 100, 100, 97.5) | 0.970 |" in rows[1]
 
 

