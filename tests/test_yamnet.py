@@ -78,7 +78,7 @@ def test_a_damaged_weights_file_is_refused_with_both_hashes(tmp_path, damage):
     else:
         bad.write_bytes(b"plain text")
     with pytest.raises(EsclabError) as err:
-        YamNet(bad, setting="features.weights")
+        YamNet(bad)
     message = str(err.value)
     assert str(bad) in message and "features.weights" in message
     assert yamnet.SHA256 in message and yamnet.sha256_of(bad) in message and "\n" not in message

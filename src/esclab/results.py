@@ -78,12 +78,16 @@ def locked_md5s(root: Path, paths: DictConfig) -> dict[str, str]:
     return md5s
 
 
-def machine_of(cfg: DictConfig) -> str:
-    """The machine the cross-validation trained on, from its MLflow parent run (this one's if it has none)."""
+def machine_of(cfg: DictConfig, md5s: dict[str, str]) -> str:
+    """The machine the cross-validation trained on, from its MLflow parent run (this one's if it has none).
+
+    The run is found by its key, made from the data's md5s as dvc.lock records them (the ones the
+    tracker hashed), so the dataset is not hashed a second time.
+    """
     uri = resolve_uri(cfg.tracking.uri)
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(cfg.tracking.experiment)
-    key = run_key(cfg, data_tags(cfg.paths))
+    key = run_key(cfg, data_tags(cfg.paths, md5s))
     found = experiment and client.search_runs(
         [experiment.experiment_id], f"tags.`{KEY_TAG}` = '{key}' and tags.`{FOLD_TAG}` = 'all'", max_results=1)
     if found and HARDWARE_TAG in found[0].data.tags:
@@ -112,8 +116,9 @@ def record_workspace(cfg: DictConfig, root: Path, records: dict[Path, dict]) -> 
         return None
     check_up_to_date(root)
     metrics = json.loads(metrics_file.read_text())
-    path, machine = matches[0], machine_of(cfg)
-    record = records[path] | {"machine": machine, "data": locked_md5s(root, cfg.paths),
+    md5s = locked_md5s(root, cfg.paths)
+    path, machine = matches[0], machine_of(cfg, md5s)
+    record = records[path] | {"machine": machine, "data": md5s,
                               "metrics": {k: metrics[k] for k in KEPT_METRICS}}
     kept = records[path]
     if kept["metrics"] and kept["machine"] != machine and not cfg.get("results", {}).get("replace", False):

@@ -88,9 +88,10 @@ def dvc_md5(path: Path) -> str:
     return obj.hash_info.value
 
 
-def data_tags(paths: DictConfig) -> dict[str, str]:
-    return {f"data.{name}.md5": dvc_md5(Path(paths[name])) for name in DATA} | {
-        f"data.{name}.path": str(paths[name]) for name in DATA}
+def data_tags(paths: DictConfig, md5s: dict[str, str] | None = None) -> dict[str, str]:
+    """Each data path and its DVC md5: `md5s` where dvc.lock already says them, else hashed here."""
+    md5s = md5s or {name: dvc_md5(Path(paths[name])) for name in DATA}
+    return {f"data.{name}.md5": md5s[name] for name in DATA} | {f"data.{name}.path": str(paths[name]) for name in DATA}
 
 
 def backbone_tags(features_dir: Path) -> dict[str, str]:

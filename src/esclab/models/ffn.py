@@ -15,14 +15,19 @@ from esclab.errors import EsclabError
 POOLINGS = ("mean", "max", "both")
 
 
+def check_pooling(pooling: str) -> None:
+    """Refuse a `model.pooling` that no head knows (the ffn here and the scikit-learn heads share them)."""
+    if pooling not in POOLINGS:
+        raise EsclabError(f"model.pooling={pooling!r} is not one of {', '.join(POOLINGS)}")
+
+
 class FFN(nn.Module):
     """Embeddings (batch, 1, windows, dim) -> class logits (batch, n_classes)."""
 
     def __init__(self, *, n_classes: int, input_shape: tuple[int, int], pooling: str = "mean",
                  hidden: Sequence[int] = (256,), dropout: float = 0.3):
         super().__init__()
-        if pooling not in POOLINGS:
-            raise EsclabError(f"model.pooling={pooling!r} is not one of {', '.join(POOLINGS)}")
+        check_pooling(pooling)
         self.pooling = pooling
         width = input_shape[1] * (2 if pooling == "both" else 1)
         layers: list[nn.Module] = []

