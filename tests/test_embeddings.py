@@ -42,7 +42,7 @@ def test_cache_holds_every_window_of_every_clip_in_split_order(cache, split_csv)
     assert list(pd.read_csv(cache / "index.csv")["path"]) == list(pd.read_csv(split_csv)["path"])
     meta = json.loads((cache / "features.json").read_text())
     assert meta["representation"] == "embedding" and meta["array"] == ARRAY
-    assert meta["settings"] == {"backbone": "yamnet", "weights_sha256": yamnet.SHA256, "sample_rate": 16000,
+    assert meta["settings"] == {"backbones": ["yamnet"], "weights_sha256": {"yamnet": yamnet.SHA256},
                                 "duration": 1.0}
     # Row i is the backbone's embedding of clip i, to float16 precision.
     first, _ = yamnet.YamNet()(_clip(split_csv, 0))
@@ -67,22 +67,64 @@ def test_other_weights_or_another_duration_make_the_cache_stale(cache, tmp_path)
         check_cache(cache, "embedding", cache_settings(compose_config("features=yamnet").features))
     built = json.loads((cache / "features.json").read_text())["settings"]
     with pytest.raises(EsclabError, match="features.weights_sha256=.*dvc repro features"):
-        check_cache(cache, "embedding", built | {"weights_sha256": "0" * 64})
+        check_cache(cache, "embedding", built | {"weights_sha256": {"yamnet": "0" * 64}})
+    with pytest.raises(EsclabError, match=r"features.backbones=\['yamnet', 'aisfx'\] \(cache has \['yamnet'\]\)"):
+        check_cache(cache, "embedding", cache_settings(compose_config("features=yamnet_aisfx",
+                                                                      "features.duration=1.0").features))
 
 
 def test_wrong_weights_are_refused_before_anything_is_written(split_csv, tmp_path):
     bad = tmp_path / "weights.zip"
     bad.write_bytes(yamnet.default_weights().read_bytes()[:1000])
-    features = compose_config(*YAMNET, f"features.weights={bad}").features
-    with pytest.raises(EsclabError, match=f"sha256 mismatch for YAMNet weights {bad} \\(features.weights\\)"):
+    features = compose_config(*YAMNET, f"features.weights.yamnet={bad}").features
+    with pytest.raises(EsclabError, match=f"sha256 mismatch for YAMNet weights {bad} \\(features.weights.yamnet\\)"):
         write_cache(split_csv, tmp_path / "features", features)
     assert not (tmp_path / "features").exists() and not list(tmp_path.glob(".features*"))
 
 
 def test_a_weights_copy_elsewhere_gives_the_same_cache(cache, split_csv, tmp_path):
     copy = shutil.copy(yamnet.default_weights(), tmp_path / "YamNet_w8a8.onnx.zip")
-    again = write_cache(split_csv, tmp_path / "features", compose_config(*YAMNET, f"features.weights={copy}").features)
+    features = compose_config(*YAMNET, f"features.weights.yamnet={copy}").features
+    again = write_cache(split_csv, tmp_path / "features", features)
     assert (again / ARRAY).read_bytes() == (cache / ARRAY).read_bytes()
+
+
+@pytest.fixture(scope="module")
+def combined(split_csv, tmp_path_factory):
+    """Both real backbones over 3-s clips: YAMNet's 6 windows, aiSFX's 2 blocks put on them."""
+    features = compose_config("features=yamnet_aisfx", "features.duration=3.0").features
+    return write_cache(split_csv, tmp_path_factory.mktemp("combined") / "features", features)
+
+
+def test_a_combined_cache_puts_each_backbones_windows_side_by_side_on_the_finest_grid(combined, split_csv):
+    from esclab.data.features import load_clip
+    from esclab.models.backbones.aisfx import AiSfx
+
+    array = np.load(combined / ARRAY, mmap_mode="r")
+    assert array.shape == (25, 6, 1024 + 512) and array.dtype == np.float16
+    meta = json.loads((combined / "features.json").read_text())
+    assert meta["settings"]["backbones"] == ["yamnet", "aisfx"] and set(meta["settings"]["weights_sha256"]) == {
+        "yamnet", "aisfx"}
+    path = pd.read_csv(split_csv)["path"][3]
+    own, _ = yamnet.YamNet()(load_clip(path, sample_rate=16000, n_samples=3 * 16000))
+    blocks, _ = AiSfx()(load_clip(path, sample_rate=44100, n_samples=3 * 44100))
+    # YAMNet's windows are centred at 0.49, 0.97, 1.45, 1.93, 2.41, 2.89 s; aiSFX's blocks at 1.15 and 2.31 s.
+    assert np.allclose(array[3, :, :1024], own, atol=1e-2, rtol=1e-2)
+    assert np.allclose(array[3, :, 1024:], blocks[[0, 0, 0, 1, 1, 1]], atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["features.backbones=[yamnet,yamnet]"], r"features.backbones=\['yamnet', 'yamnet'\] must name each"),
+    (["features.backbones=[vggish]"], r"features.backbones=\['vggish'\] must name .* from: aisfx, yamnet"),
+    (["features.backbones=[]"], r"features.backbones=\[\] must name"),
+    (["features.backbones=[aisfx]"], "features.weights.yamnet is set, but yamnet is not in features.backbones"),
+])
+def test_bad_backbone_settings_are_refused_in_one_line(overrides, message):
+    features = compose_config("features=yamnet_aisfx", *overrides).features
+    if "weights.yamnet" in message:
+        features.weights.yamnet = "/some/copy.zip"
+    with pytest.raises(EsclabError, match=message):
+        cache_settings(features)
 
 
 def test_a_learner_that_cannot_read_the_representation_is_refused_in_one_line():
@@ -109,13 +151,17 @@ def test_an_unknown_pooling_is_refused():
         build_model("ffn", n_classes=3, input_shape=(4, 8), pooling="median")
 
 
-def test_train_py_runs_the_yamnet_ffn_experiment_end_to_end(cache, split_csv, tiny_tree, tmp_path):
-    """`python train.py experiment=yamnet_ffn`, at tiny sizes: every fold, pooled metrics, MLflow runs, a logged model."""
-    overrides = ["experiment=yamnet_ffn", "dataset=synthetic", "dataset.synthetic.n_classes=5", *YAMNET[1:],
-                 f"paths.raw={tiny_tree}", f"paths.split={split_csv}", f"paths.features={cache}",
-                 f"paths.models={tmp_path / 'models'}", f"paths.reports={tmp_path / 'reports'}",
-                 f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "trainer.max_epochs=3",
-                 "trainer.enable_progress_bar=false", "train.batch_size=8"]
+@pytest.mark.parametrize(("experiment", "cache_fixture", "duration", "head"), [
+    ("yamnet_ffn", "cache", 1.0, "ffn"), ("yamnet_aisfx_svm", "combined", 3.0, "svm")])
+def test_train_py_runs_a_pretrained_experiment_end_to_end(request, split_csv, tiny_tree, tmp_path, experiment,
+                                                          cache_fixture, duration, head):
+    """`python train.py experiment=...`, at tiny sizes: every fold, pooled metrics, MLflow runs, a logged model."""
+    cache = request.getfixturevalue(cache_fixture)
+    overrides = [f"experiment={experiment}", "dataset=synthetic", "dataset.synthetic.n_classes=5",
+                 f"features.duration={duration}", f"paths.raw={tiny_tree}", f"paths.split={split_csv}",
+                 f"paths.features={cache}", f"paths.models={tmp_path / 'models'}",
+                 f"paths.reports={tmp_path / 'reports'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+                 "trainer.max_epochs=3", "trainer.enable_progress_bar=false", "train.batch_size=8"]
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     result = subprocess.run([sys.executable, str(REPO / "train.py"), *overrides], cwd=tmp_path, env=env,
                             capture_output=True, text=True)
@@ -133,9 +179,13 @@ def test_train_py_runs_the_yamnet_ffn_experiment_end_to_end(cache, split_csv, ti
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("esclab").experiment_id])
     child = next(r for r in runs if r.data.tags["esclab.fold"] == "1")
-    assert child.data.params["features.backbone"] == "yamnet" and child.data.params["model.name"] == "ffn"
+    backbones = compose_config(f"experiment={experiment}").features.backbones
+    assert json.loads(child.data.params["features.backbones"]) == list(backbones)
+    assert child.data.params["model.name"] == head
     assert child.data.tags["data.features.md5"].endswith(".dir")
-    assert child.data.tags["backbone.weights.sha256"] == yamnet.SHA256
+    assert child.data.tags["backbone"] == "+".join(backbones)
+    assert child.data.tags["backbone.yamnet.weights.sha256"] == yamnet.SHA256
+    assert ("backbone.aisfx.weights.sha256" in child.data.tags) == ("aisfx" in backbones)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     models = mlflow.search_logged_models(experiment_ids=[child.info.experiment_id], output_format="list")
     model = mlflow.pyfunc.load_model(next(m.model_uri for m in models if m.source_run_id == child.info.run_id))

@@ -123,6 +123,9 @@ TINY_STRONG = {
 # Seed 001's system (frozen real YAMNet, a feed-forward head) at the same tiny sizes.
 TINY_YAMNET = {**TINY_STRONG, "defaults": ["yamnet_ffn", {"override /dataset": "synthetic"}],
                "features": {"duration": 1.0}, "lr": 5e-4}
+# Seed 002's system on the second real backbone (frozen aiSFX, a linear SVM).
+TINY_AISFX = {"defaults": ["aisfx_svm", {"override /dataset": "synthetic"}],
+              "dataset": TINY_STRONG["dataset"], "features": {"duration": 1.0}, "tracking": {"log_model": False}}
 
 
 @pytest.mark.slow
@@ -130,7 +133,7 @@ def test_demo_reproduces_readme_then_nothing_to_do_a_restored_fold_and_experimen
     """`make demo`'s pipeline from clean gives README's Results row to the byte; then DVC's caching, and
     `dvc exp run`s of the strong recipe and of frozen YAMNet with a head, at tiny sizes."""
     repo = git_dvc_repo(tmp_path / "repo")
-    for name, recipe in (("tiny_strong", TINY_STRONG), ("tiny_yamnet", TINY_YAMNET)):
+    for name, recipe in (("tiny_strong", TINY_STRONG), ("tiny_yamnet", TINY_YAMNET), ("tiny_aisfx", TINY_AISFX)):
         (repo / f"conf/experiment/{name}.yaml").write_text("# @package _global_\n" + yaml.safe_dump(recipe))
     write_params(repo, "experiment=demo")
 
@@ -220,4 +223,9 @@ def test_demo_reproduces_readme_then_nothing_to_do_a_restored_fold_and_experimen
     assert pretrained.returncode == 0, pretrained.stdout[-3000:] + pretrained.stderr[-3000:]
     assert stages_run(pretrained) == {"features", *(f"train@{k}" for k in range(1, 6)), "evaluate"}, pretrained.stdout
     assert np.load(repo / "data/features/synthetic/embedding.npy", mmap_mode="r").shape == (25, 2, 1024)
+    assert len(json.loads((repo / "reports/metrics.json").read_text())["fold_accuracy"]) == 5
+    second = run(repo, "dvc", "exp", "run", "-S", "experiment=tiny_aisfx")
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert stages_run(second) == {"features", *(f"train@{k}" for k in range(1, 6)), "evaluate"}, second.stdout
+    assert np.load(repo / "data/features/synthetic/embedding.npy", mmap_mode="r").shape == (25, 1, 512)
     assert len(json.loads((repo / "reports/metrics.json").read_text())["fold_accuracy"]) == 5

@@ -95,12 +95,13 @@ def data_tags(paths: DictConfig, md5s: dict[str, str] | None = None) -> dict[str
 
 
 def backbone_tags(features_dir: Path) -> dict[str, str]:
-    """A pretrained backbone's name and weights sha256, from the embedding cache it made (none for log-mel)."""
+    """Pretrained backbones' names and weights sha256, from the embedding cache they made (none for log-mel)."""
     meta = features_dir / "features.json"
     settings = json.loads(meta.read_text())["settings"] if meta.is_file() else {}
     if "weights_sha256" not in settings:
         return {}
-    return {"backbone": settings["backbone"], "backbone.weights.sha256": settings["weights_sha256"]}
+    hashes = {f"backbone.{name}.weights.sha256": sha256 for name, sha256 in settings["weights_sha256"].items()}
+    return {"backbone": "+".join(settings["backbones"])} | hashes
 
 
 def git_tags() -> dict[str, str]:

@@ -1,12 +1,19 @@
-"""The embedding representation: a frozen pretrained backbone run once over every clip.
+"""The embedding representation: frozen pretrained backbones run once over every clip.
 
 `embedding.npy` holds clips x windows x dim, float16, rows in split-table order,
 memory-mapped at train time: every window is kept, so pooling them is the head's
-choice. `features.json` names the backbone and the sha256 of its weights, so a
-cache made with another backbone or other weights is refused at train time, as a
+choice. `features.json` names the backbones and the sha256 of their weights, so a
+cache made with other backbones or other weights is refused at train time, as a
 log-mel cache made with other settings is. Clips are decoded as for the log-mel
-(mono, resampled, zero-padded or trimmed to `features.duration`); a clip shorter
-than one window is padded to one.
+(mono, resampled to each backbone's rate, zero-padded or trimmed to
+`features.duration`); a clip shorter than one window is padded to one.
+
+Several backbones (`features.backbones: [yamnet, aisfx]`) make one cache of their
+embeddings side by side. Their windows differ (YAMNet: 0.96 s every 0.48 s; aiSFX:
+2.3 s every 1.16 s), so they are put on the grid of the backbone with the most
+windows: each grid window takes, from every other backbone, the window whose middle
+is nearest its own. Mean pooling then weighs a coarse backbone's windows by how many
+grid windows they are nearest to, max pooling is unchanged.
 """
 
 import json
@@ -29,46 +36,67 @@ ARRAY = "embedding.npy"
 
 @dataclass(frozen=True)
 class EmbeddingSettings:
-    """What makes an embedding cache: the backbone, its exact weights, and the clips it was fed."""
+    """What makes an embedding cache: the backbones, their exact weights, and the clips they were fed."""
 
-    backbone: str
-    weights_sha256: str
-    sample_rate: int
+    backbones: list[str]
+    weights_sha256: dict[str, str]
     duration: float
-
-    @property
-    def n_samples(self) -> int:
-        return round(self.duration * self.sample_rate)
 
 
 def embedding_settings(features) -> EmbeddingSettings:
-    """The settings of a `conf/features/<backbone>.yaml` config, its weights file verified against the pin."""
-    if features.backbone not in BACKBONES:
-        raise EsclabError(f"features.backbone={features.backbone} is not a known backbone; "
-                          f"available: {', '.join(sorted(BACKBONES))}")
-    backbone = BACKBONES[features.backbone]
-    if features.sample_rate != backbone.sample_rate:
-        raise EsclabError(f"features.sample_rate={features.sample_rate}, but {features.backbone} takes "
-                          f"{backbone.sample_rate} Hz: set features.sample_rate={backbone.sample_rate}")
-    _, sha256 = backbone.checked_weights(features.weights)
-    return EmbeddingSettings(backbone=features.backbone, weights_sha256=sha256, sample_rate=features.sample_rate,
-                             duration=features.duration)
+    """The settings of a `conf/features/<name>.yaml` config, each weights file verified against its pin."""
+    names = list(features.backbones)
+    unknown = [name for name in names if name not in BACKBONES]
+    if not names or unknown or len(set(names)) != len(names):
+        raise EsclabError(f"features.backbones={names} must name each of its backbones once, from: "
+                          f"{', '.join(sorted(BACKBONES))}")
+    weights = features.weights or {}
+    strays = sorted(set(weights) - set(names))
+    if strays:
+        raise EsclabError(f"features.weights.{strays[0]} is set, but {strays[0]} is not in features.backbones="
+                          f"{names}: add it there, or drop the setting")
+    sha256 = {name: BACKBONES[name].checked_weights(weights.get(name), f"features.weights.{name}")[1]
+              for name in names}
+    return EmbeddingSettings(backbones=names, weights_sha256=sha256, duration=features.duration)
+
+
+def on_one_grid(parts: list[np.ndarray], backbones: list) -> np.ndarray:
+    """Backbones' (windows x dim) embeddings of one clip side by side, on the windows of the one with the most."""
+    finest = max(range(len(parts)), key=lambda i: len(parts[i]))
+    grid = backbones[finest].window_centres(len(parts[finest]))
+    aligned = []
+    for part, backbone in zip(parts, backbones):
+        nearest = np.abs(grid[:, None] - backbone.window_centres(len(part))[None, :]).argmin(axis=1)
+        aligned.append(part[nearest])
+    return np.concatenate(aligned, axis=1)
+
+
+def embed(path: str, backbones: list, duration: float) -> np.ndarray:
+    """One clip's (windows x dim) embeddings, every backbone fed the clip at its own rate."""
+    parts = []
+    for backbone in backbones:
+        n_samples = round(duration * backbone.sample_rate)
+        parts.append(backbone(load_clip(path, sample_rate=backbone.sample_rate, n_samples=n_samples))[0])
+    return on_one_grid(parts, backbones)
 
 
 def write_embeddings(split_csv: Path, out_dir: Path, features) -> Path:
     """The features stage for embeddings: embedding.npy + index.csv + features.json, all or nothing."""
     settings = embedding_settings(features)
-    backbone = build_backbone(features.backbone, features.weights)
+    weights = features.weights or {}
+    backbones = [build_backbone(name, weights.get(name)) for name in settings.backbones]
     table = pd.read_csv(split_csv)
-    first = backbone(load_clip(table["path"].iloc[0], sample_rate=settings.sample_rate, n_samples=settings.n_samples))[0]
-    shape = (len(table), *first.shape)
+    label = "+".join(settings.backbones)
     with atomic_dir(out_dir) as tmp:
-        out = np.lib.format.open_memmap(tmp / ARRAY, mode="w+", dtype=np.float16, shape=shape)
-        for row, path in enumerate(tqdm(table["path"], desc=f"features ({settings.backbone})", unit="clip")):
-            embeddings, _ = backbone(load_clip(path, sample_rate=settings.sample_rate, n_samples=settings.n_samples))
+        out = None
+        for row, path in enumerate(tqdm(table["path"], desc=f"features ({label})", unit="clip")):
+            embeddings = embed(path, backbones, settings.duration)
+            if out is None:
+                shape = (len(table), *embeddings.shape)
+                out = np.lib.format.open_memmap(tmp / ARRAY, mode="w+", dtype=np.float16, shape=shape)
             out[row] = embeddings
         if not np.isfinite(out).all():
-            raise EsclabError(f"{settings.backbone} embeddings of {split_csv} overflowed float16: "
+            raise EsclabError(f"{label} embeddings of {split_csv} overflowed float16: "
                               "the weights or the clips are not what they should be")
         out.flush()
         del out
@@ -76,5 +104,5 @@ def write_embeddings(split_csv: Path, out_dir: Path, features) -> Path:
         meta = {"representation": "embedding", "array": ARRAY, "settings": asdict(settings),
                 "shape": list(shape), "dtype": "float16"}
         (tmp / "features.json").write_text(json.dumps(meta, indent=2) + "\n")
-    log.info("features: %d clips -> %s float16 %s embeddings in %s", len(table), shape, settings.backbone, out_dir)
+    log.info("features: %d clips -> %s float16 %s embeddings in %s", len(table), shape, label, out_dir)
     return out_dir

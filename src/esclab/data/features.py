@@ -1,12 +1,13 @@
-"""The features stage: every clip decoded once into one float16 log-mel array.
+"""The features stage: every clip decoded once into one float16 array, log-mel or waveform.
 
 Worker processes (one per core, one thread each) decode clips with soundfile, mix
-to mono, resample, pad or trim, compute the log-mel with torchaudio on the chosen
-device (on a GPU each worker holds its own CUDA context) and write the rows
-straight into the memory-mapped output. The result is
-`logmel.npy` (clips x n_mels x frames, float16, rows in split-table order, read
-memory-mapped at train time), `index.csv` (the split table rows, same order) and
-`features.json` (the settings that made it, to detect a stale cache).
+to mono, resample, pad or trim, apply the representation's transform with torch on
+the chosen device (on a GPU each worker holds its own CUDA context) and write the
+rows straight into the memory-mapped output. The result is `logmel.npy` (clips x
+n_mels x frames) or `waveform.npy` (clips x samples, data/waveforms.py), float16,
+rows in split-table order, read memory-mapped at train time; `index.csv` (the split
+table rows, same order) and `features.json` (the settings that made it, to detect a
+stale cache).
 """
 
 import json
@@ -64,6 +65,21 @@ class LogMelSettings:
     @property
     def n_frames(self) -> int:
         return 1 + self.n_samples // self.hop_length
+
+    # What the generic writer below needs of a representation's settings.
+    array = "logmel.npy"
+    overflow_fix = "set features.normalize=per_clip"
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        return (self.n_mels, self.n_frames)
+
+    def transform(self) -> torch.nn.Module:
+        return LogMel(self)
+
+    def described(self) -> dict:
+        """features.json's description of the cache (a log-mel cache's is the oldest: it names no representation)."""
+        return {"settings": asdict(self)}
 
 
 class LogMel(torch.nn.Module):
@@ -126,15 +142,15 @@ def pick_device(device: str) -> torch.device:
 _worker: dict = {}
 
 
-def _start_worker(npy_path: Path, settings: LogMelSettings, device: torch.device, threads: int | None) -> None:
+def _start_worker(npy_path: Path, settings, device: torch.device, threads: int | None) -> None:
     if threads:
         torch.set_num_threads(threads)
-    _worker.update(out=np.load(npy_path, mmap_mode="r+"), transform=LogMel(settings).to(device),
+    _worker.update(out=np.load(npy_path, mmap_mode="r+"), transform=settings.transform().to(device),
                    settings=settings, device=device)
 
 
 def _fill_rows(job: tuple[int, list[str]]) -> int:
-    """Decode a run of clips and write their log-mels straight into the shared output file."""
+    """Decode a run of clips and write their transformed rows straight into the shared output file."""
     start, paths = job
     s = _worker["settings"]
     waves = np.stack([load_clip(p, sample_rate=s.sample_rate, n_samples=s.n_samples) for p in paths])
@@ -144,9 +160,9 @@ def _fill_rows(job: tuple[int, list[str]]) -> int:
     return len(paths)
 
 
-def compute_logmels(paths: list[str], settings: LogMelSettings, npy_path: Path, *,
-                    device: torch.device, batch_size: int, num_workers: int) -> None:
-    """Fill the .npy at `npy_path` (len(paths) x n_mels x frames, already allocated) in row order.
+def compute_rows(paths: list[str], settings, npy_path: Path, *,
+                 device: torch.device, batch_size: int, num_workers: int) -> None:
+    """Fill the .npy at `npy_path` (len(paths) x settings.row_shape, already allocated) in row order.
 
     Worker processes each decode and transform runs of `batch_size` clips and write
     them into the memory-mapped file themselves, so no audio crosses a pipe.
@@ -167,9 +183,13 @@ def compute_logmels(paths: list[str], settings: LogMelSettings, npy_path: Path, 
                 pool.terminate()
 
 
-def write_features(split_csv: Path, out_dir: Path, settings: LogMelSettings, *, device: str = "auto",
+def write_features(split_csv: Path, out_dir: Path, settings, *, device: str = "auto",
                    batch_size: int | None = None, num_workers: int | None = None) -> Path:
-    """The features stage: read the split table, write logmel.npy + index.csv + features.json."""
+    """The features stage: read the split table, write the settings' array + index.csv + features.json.
+
+    `settings` is a LogMelSettings or a WaveformSettings (data/waveforms.py): each names
+    its array file, its row shape, its torch transform and its description.
+    """
     table = pd.read_csv(split_csv)
     torch_device = pick_device(device)
     if batch_size is None:
@@ -180,17 +200,17 @@ def write_features(split_csv: Path, out_dir: Path, settings: LogMelSettings, *, 
         raise EsclabError(f"features.batch_size must be positive or null, got {batch_size}")
     if num_workers is None:
         num_workers = os.cpu_count() or 1
-    shape = (len(table), settings.n_mels, settings.n_frames)
+    shape = (len(table), *settings.row_shape)
     with atomic_dir(out_dir) as tmp:
-        np.lib.format.open_memmap(tmp / "logmel.npy", mode="w+", dtype=np.float16, shape=shape).flush()
-        compute_logmels(table["path"].tolist(), settings, tmp / "logmel.npy", device=torch_device,
-                        batch_size=batch_size, num_workers=num_workers)
-        array = np.load(tmp / "logmel.npy", mmap_mode="r")
+        np.lib.format.open_memmap(tmp / settings.array, mode="w+", dtype=np.float16, shape=shape).flush()
+        compute_rows(table["path"].tolist(), settings, tmp / settings.array, device=torch_device,
+                     batch_size=batch_size, num_workers=num_workers)
+        array = np.load(tmp / settings.array, mmap_mode="r")
         if not np.isfinite(array).all():
-            raise EsclabError(f"log-mel of {split_csv} overflowed float16; set features.normalize=per_clip")
+            raise EsclabError(f"{settings.array} of {split_csv} overflowed float16; {settings.overflow_fix}")
         del array
         table.to_csv(tmp / "index.csv", index=False)
-        meta = {"settings": asdict(settings), "shape": list(shape), "dtype": "float16"}
+        meta = settings.described() | {"shape": list(shape), "dtype": "float16"}
         (tmp / "features.json").write_text(json.dumps(meta, indent=2) + "\n")
     log.info("features: %d clips -> %s float16 array in %s", len(table), shape, out_dir)
     return out_dir

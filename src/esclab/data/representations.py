@@ -1,8 +1,10 @@
 """What the features stage caches, chosen by `features.representation`, and which learners read it.
 
 - `logmel` (data/features.py): clips x mels x frames, for the CNNs (`model=cnn4`).
-- `embedding` (data/embeddings.py): clips x windows x dim of a frozen pretrained
-  backbone (`features=yamnet`), for the heads (`model=ffn`, `svm`, `logistic`).
+- `waveform` (data/waveforms.py): clips x samples, the decoded audio, for learners that
+  read audio themselves (`features=waveform`; the fine-tuned pretrained models).
+- `embedding` (data/embeddings.py): clips x windows x dim of frozen pretrained
+  backbones (`features=yamnet`, `aisfx`, `yamnet_aisfx`), for the heads (`model=ffn`, `svm`, `logistic`).
 
 A learner names what it reads in `conf/model/<name>.yaml` (`input:`); training
 refuses a mismatch, or a cache built with other settings, before it starts.
@@ -15,9 +17,11 @@ from omegaconf import DictConfig
 
 from esclab.errors import EsclabError
 
-REPRESENTATIONS = ("logmel", "embedding")
-READERS = {"logmel": "model=cnn4", "embedding": "model=ffn, svm or logistic"}
-CHOICES = {"logmel": "features=logmel", "embedding": "features=yamnet"}
+REPRESENTATIONS = ("logmel", "waveform", "embedding")
+READERS = {"logmel": "model=cnn4", "waveform": "none in esclab yet: fine-tuned models will read it",
+           "embedding": "model=ffn, svm or logistic"}
+CHOICES = {"logmel": "features=logmel", "waveform": "features=waveform",
+           "embedding": "features=yamnet (or aisfx, yamnet_aisfx)"}
 
 
 def representation(features: DictConfig) -> str:
@@ -27,25 +31,32 @@ def representation(features: DictConfig) -> str:
     return name
 
 
+def decoded_settings(features: DictConfig):
+    """LogMelSettings or WaveformSettings: the settings of a representation the decoding workers write."""
+    from esclab.data.features import LogMelSettings
+    from esclab.data.waveforms import WaveformSettings
+
+    return {"logmel": LogMelSettings, "waveform": WaveformSettings}[representation(features)].from_config(features)
+
+
 def cache_settings(features: DictConfig) -> dict:
     """The settings a cache for `features` must have been built with (its features.json says)."""
     from esclab.data.embeddings import embedding_settings
-    from esclab.data.features import LogMelSettings
 
-    if representation(features) == "logmel":
-        return asdict(LogMelSettings.from_config(features))
-    return asdict(embedding_settings(features))
+    if representation(features) == "embedding":
+        return asdict(embedding_settings(features))
+    return asdict(decoded_settings(features))
 
 
 def write_cache(split_csv: Path, out_dir: Path, features: DictConfig) -> Path:
     """The features stage: the cache of `features.representation` for every clip of the split table."""
     from esclab.data.embeddings import write_embeddings
-    from esclab.data.features import LogMelSettings, write_features
+    from esclab.data.features import write_features
 
-    if representation(features) == "logmel":
-        return write_features(split_csv, out_dir, LogMelSettings.from_config(features), device=features.device,
-                              batch_size=features.batch_size, num_workers=features.num_workers)
-    return write_embeddings(split_csv, out_dir, features)
+    if representation(features) == "embedding":
+        return write_embeddings(split_csv, out_dir, features)
+    return write_features(split_csv, out_dir, decoded_settings(features), device=features.device,
+                          batch_size=features.batch_size, num_workers=features.num_workers)
 
 
 def check_learner(model: DictConfig, features: DictConfig) -> None:

