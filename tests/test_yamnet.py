@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from esclab.checksums import sha256_of
 from esclab.errors import EsclabError
 from esclab.models.backbones import yamnet
 from esclab.models.backbones.yamnet import YamNet
@@ -81,7 +82,7 @@ def test_a_damaged_weights_file_is_refused_with_both_hashes(tmp_path, damage):
         YamNet(bad)
     message = str(err.value)
     assert str(bad) in message and "features.weights" in message
-    assert yamnet.SHA256 in message and yamnet.sha256_of(bad) in message and "\n" not in message
+    assert yamnet.SHA256 in message and sha256_of(bad) in message and "\n" not in message
 
 
 def test_missing_weights_name_the_setting_and_the_package(tmp_path):
