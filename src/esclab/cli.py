@@ -1,4 +1,4 @@
-"""`esclab <stage> [overrides]`: the Hydra entry points that dvc.yaml runs, and `esclab results`.
+"""`esclab <stage> [overrides]`: the Hydra entry points that dvc.yaml runs, `esclab results` and `esclab predict`.
 
 Each stage reads the composed config (conf/ by default; dvc.yaml passes
 `--config-dir . --config-name params` so the stages read params.yaml) and calls
@@ -74,9 +74,26 @@ def run_reporting_errors(fn, cfg: DictConfig) -> None:
         sys.exit(1)
 
 
+def predict(argv: list[str]) -> None:
+    """`esclab predict ...`: plain flags, not Hydra overrides (it reads no config: the model carries its own)."""
+    from esclab.serving.predict import main as predict_main
+
+    silence_known_noise()
+    try:
+        sys.exit(predict_main(argv))
+    except EsclabError as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"esclab: error: {err}", file=sys.stderr)
+        sys.exit(1)
+
+
 def main() -> None:
+    if len(sys.argv) >= 2 and sys.argv[1] == "predict":
+        predict(sys.argv[2:])
     if len(sys.argv) < 2 or sys.argv[1] not in STAGES:
-        print(f"usage: esclab {{{','.join(STAGES)}}} [key=value ...]", file=sys.stderr)
+        print(f"usage: esclab {{{','.join(STAGES)}}} [key=value ...], or esclab predict [--help] FILE ...",
+              file=sys.stderr)
         sys.exit(2)
     stage = STAGES[sys.argv.pop(1)]
     # Data stages keep no Hydra run folder: their record is dvc.lock.

@@ -26,7 +26,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from esclab.atomic import atomic_dir
-from esclab.data.features import load_clip
+from esclab.data.features import decode, fit
 from esclab.errors import EsclabError
 from esclab.models.backbones import BACKBONES, build_backbone
 
@@ -71,12 +71,12 @@ def on_one_grid(parts: list[np.ndarray], backbones: list) -> np.ndarray:
     return np.concatenate(aligned, axis=1)
 
 
-def embed(path: str, backbones: list, duration: float) -> np.ndarray:
+def embed(mono: np.ndarray, rate: int, backbones: list, duration: float) -> np.ndarray:
     """One clip's (windows x dim) embeddings, every backbone fed the clip at its own rate."""
     parts = []
     for backbone in backbones:
-        n_samples = round(duration * backbone.sample_rate)
-        parts.append(backbone(load_clip(path, sample_rate=backbone.sample_rate, n_samples=n_samples))[0])
+        clip = fit(mono, rate, sample_rate=backbone.sample_rate, n_samples=round(duration * backbone.sample_rate))
+        parts.append(backbone(clip)[0])
     return on_one_grid(parts, backbones)
 
 
@@ -90,7 +90,7 @@ def write_embeddings(split_csv: Path, out_dir: Path, features) -> Path:
     with atomic_dir(out_dir) as tmp:
         out = None
         for row, path in enumerate(tqdm(table["path"], desc=f"features ({label})", unit="clip")):
-            embeddings = embed(path, backbones, settings.duration)
+            embeddings = embed(*decode(path), backbones, settings.duration)
             if out is None:
                 shape = (len(table), *embeddings.shape)
                 out = np.lib.format.open_memmap(tmp / ARRAY, mode="w+", dtype=np.float16, shape=shape)

@@ -110,22 +110,33 @@ class LogMel(torch.nn.Module):
         return db
 
 
-def load_clip(path: str | Path, *, sample_rate: int, n_samples: int) -> np.ndarray:
-    """Decode one file to mono float32 at `sample_rate`, zero-padded or trimmed to `n_samples`."""
+def decode(path: str | Path, fix: str = "replace the file, or remove it and its row from meta/esc50.csv"
+           ) -> tuple[np.ndarray, int]:
+    """Decode one file to mono float32 at its own rate; a file that holds no usable audio is refused with `fix`."""
     try:
         audio, rate = sf.read(path, dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, OSError) as err:
-        raise EsclabError(f"cannot decode {path} ({err}); replace the file, or remove it and its row from meta/esc50.csv") from None
+        raise EsclabError(f"cannot decode {path} ({err}); {fix}") from None
     if audio.shape[0] == 0:
-        raise EsclabError(f"{path} holds no audio samples; replace the file, or remove it and its row from meta/esc50.csv")
+        raise EsclabError(f"{path} holds no audio samples; {fix}")
     mono = audio.mean(axis=1)
     if not np.isfinite(mono).all():
-        raise EsclabError(f"{path} decodes to NaN or infinite samples; replace the file, or remove it and its row from meta/esc50.csv")
+        raise EsclabError(f"{path} decodes to NaN or infinite samples; {fix}")
+    return mono, rate
+
+
+def fit(mono: np.ndarray, rate: int, *, sample_rate: int, n_samples: int) -> np.ndarray:
+    """Resample a mono waveform to `sample_rate`, then zero-pad or trim it to `n_samples`."""
     if rate != sample_rate:
         mono = torchaudio.functional.resample(torch.from_numpy(mono), rate, sample_rate).numpy()
     clip = np.zeros(n_samples, dtype=np.float32)
     clip[: min(n_samples, len(mono))] = mono[:n_samples]
     return clip
+
+
+def load_clip(path: str | Path, *, sample_rate: int, n_samples: int) -> np.ndarray:
+    """Decode one file to mono float32 at `sample_rate`, zero-padded or trimmed to `n_samples`."""
+    return fit(*decode(path), sample_rate=sample_rate, n_samples=n_samples)
 
 
 def pick_device(device: str) -> torch.device:

@@ -20,11 +20,13 @@ from esclab.training.augment import Augment
 
 
 class Classifier(L.LightningModule):
-    """`feature_std` is the training split's log-mel std in dB (FoldData.std): augment.gain's unit."""
+    """`feature_std` is the training split's log-mel std in dB (FoldData.std): augment.gain's unit.
+    `preprocessing` is what a prediction must do to audio before this network sees it (serving/preprocessing.py);
+    it is only kept, in the checkpoint's hyper-parameters."""
 
     def __init__(self, *, model: dict, n_classes: int, input_shape: tuple[int, int], optimizer: dict,
                  scheduler: dict | None = None, augment: dict | None = None, label_smoothing: float = 0.0,
-                 feature_std: float = 1.0):
+                 feature_std: float = 1.0, preprocessing: dict | None = None):
         super().__init__()
         # Into the checkpoint only: the Tracker already logs the whole config to the fold's run, and Lightning's
         # copy would add every model/optimizer/augment key a second time, spelt with '/'.

@@ -34,6 +34,7 @@ from esclab.errors import EsclabError
 from esclab.logs import silence_known_noise
 from esclab.models import model_settings
 from esclab.models.heads import HEADS, candidates
+from esclab.serving.preprocessing import preprocessing_of
 from esclab.tracking import Tracker
 from esclab.training.data import FoldData, check_cache
 from esclab.training.history import EpochHistory
@@ -88,7 +89,8 @@ def build_classifier(cfg: DictConfig, data: FoldData) -> Classifier:
     container = OmegaConf.to_container(cfg, resolve=True)
     module = Classifier(model=container["model"], n_classes=data.n_classes, input_shape=data.input_shape,
                         optimizer=container["optimizer"], scheduler=container["scheduler"] or None,
-                        augment=container["augment"], label_smoothing=cfg.train.label_smoothing, feature_std=data.std)
+                        augment=container["augment"], label_smoothing=cfg.train.label_smoothing, feature_std=data.std,
+                        preprocessing=preprocessing_of(data))
     speed_up(module.model, channels_last=cfg.train.channels_last, compile=cfg.train.compile)
     return module
 
@@ -193,7 +195,7 @@ def fit_head(cfg: DictConfig, fold: int, tracker: Tracker, run_id: str, target: 
             best = entry["val/acc"], pipeline
     pipeline = best[1]
     with atomic_file(target) as tmp:
-        joblib.dump(pipeline, tmp)
+        joblib.dump({"pipeline": pipeline, "preprocessing": preprocessing_of(data)}, tmp)
     if cfg.tracking.log_model:
         tracker.log_head(run_id, pipeline, rows(data.test_rows[:2]))
     predictions = prediction_table(data.index, data.test_rows, probabilities(pipeline, data.test_rows))

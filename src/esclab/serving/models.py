@@ -1,0 +1,105 @@
+"""The cross-validation's fold models, loaded for prediction and averaged (the Kaggle way), or one fold of them.
+
+`models/fold_<k>.ckpt` is a Lightning checkpoint (networks: cnn4, ffn) or a joblib
+file (scikit-learn heads); either carries its preprocessing (serving/preprocessing.py).
+"""
+
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from esclab.errors import EsclabError
+
+RETRAIN = "retrain it (dvc repro, or python train.py)"
+
+
+@dataclass
+class FoldModel:
+    """One fold's model: raw cache-like rows (n x row shape) -> class probabilities (n x classes)."""
+
+    path: Path
+    preprocessing: dict
+    predict: object  # rows (np.ndarray) -> probabilities (np.ndarray)
+
+
+def load_fold(path: Path) -> FoldModel:
+    """A fold model from its file; one line naming the file when it is missing, damaged or too old."""
+    if not path.is_file():
+        raise EsclabError(f"model {path} not found: train one first (dvc repro, or python train.py), or pass "
+                          "--models with the folder that holds fold_<k>.ckpt")
+    try:
+        return load_network(path) if zipfile.is_zipfile(path) else load_head(path)
+    except EsclabError:
+        raise
+    except Exception as err:  # a truncated or foreign file fails in torch or pickle in many ways
+        raise EsclabError(f"cannot load model {path} ({type(err).__name__}: {err}); {RETRAIN}") from None
+
+
+def load_network(path: Path) -> FoldModel:
+    from esclab.training.module import Classifier
+    from esclab.training.run import Probabilities
+
+    module = Classifier.load_from_checkpoint(path, map_location="cpu")
+    preprocessing = module.hparams.get("preprocessing")
+    if not preprocessing:
+        raise EsclabError(f"model {path} was trained before esclab kept the preprocessing in its models; {RETRAIN}")
+    network = Probabilities(module.model, preprocessing["mean"], preprocessing["std"]).eval()
+
+    def predict(rows: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return network(torch.from_numpy(np.asarray(rows, dtype=np.float32))).numpy()
+
+    return FoldModel(path, preprocessing, predict)
+
+
+def load_head(path: Path) -> FoldModel:
+    import joblib
+
+    saved = joblib.load(path)
+    if not isinstance(saved, dict) or "preprocessing" not in saved:
+        raise EsclabError(f"model {path} was trained before esclab kept the preprocessing in its models; {RETRAIN}")
+    pipeline, preprocessing = saved["pipeline"], saved["preprocessing"]
+
+    def predict(rows: np.ndarray) -> np.ndarray:
+        full = np.zeros((len(rows), len(preprocessing["classes"])))
+        full[:, pipeline.classes_] = pipeline.predict_proba(np.asarray(rows, dtype=np.float32))
+        return full / full.sum(axis=1, keepdims=True)
+
+    return FoldModel(path, preprocessing, predict)
+
+
+class FoldEnsemble:
+    """Fold models that share one preprocessing; their probabilities averaged."""
+
+    def __init__(self, models: list[FoldModel]):
+        first = models[0].preprocessing
+
+        def inputs_and_outputs(preprocessing: dict) -> tuple:
+            return preprocessing["representation"], preprocessing["settings"], preprocessing["classes"]
+
+        for other in models[1:]:
+            if inputs_and_outputs(other.preprocessing) != inputs_and_outputs(first):
+                raise EsclabError(f"{other.path} and {models[0].path} were trained on different features or classes: "
+                                  "they come from different runs; rerun the cross-validation, or pick one with --fold")
+        self.models, self.preprocessing = models, first
+        self.classes = first["classes"]
+
+    def predict(self, rows: np.ndarray) -> np.ndarray:
+        return np.mean([model.predict(rows) for model in self.models], axis=0)
+
+
+def load_cross_validation(models_dir: Path, fold: int | None = None) -> FoldEnsemble:
+    """Every `fold_<k>.ckpt` in `models_dir` (or fold `fold` only)."""
+    if fold is not None:
+        return FoldEnsemble([load_fold(models_dir / f"fold_{fold}.ckpt")])
+    found = ((re.fullmatch(r"fold_(\d+)", p.stem), p) for p in models_dir.glob("fold_*.ckpt"))
+    numbered = {int(match.group(1)): p for match, p in found if match}
+    paths = [numbered[k] for k in sorted(numbered)]
+    if not paths:
+        raise EsclabError(f"no fold models (fold_<k>.ckpt) in {models_dir}: train a cross-validation first "
+                          "(dvc repro, or python train.py), or pass --models with the folder that holds them")
+    return FoldEnsemble([load_fold(path) for path in paths])
