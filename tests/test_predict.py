@@ -146,6 +146,7 @@ def test_bad_files_are_reported_and_the_rest_predicted(cnn4_run, tiny_data, tmp_
     ("empty folder", "no audio files"),
     ("no match", "no file matches"),
     ("mixed runs", "were trained on different features or classes"),
+    ("old model", "was trained before esclab kept the preprocessing in its models; retrain it: dvc repro"),
 ])
 def test_bad_models_and_inputs_end_in_one_line(cnn4_run, tiny_data, tmp_path, setup, message):
     """Each ends the command in one line on stderr, before any prediction is printed."""
@@ -161,6 +162,12 @@ def test_bad_models_and_inputs_end_in_one_line(cnn4_run, tiny_data, tmp_path, se
         args[0] = str(tmp_path / "empty")
     elif setup == "no match":
         args[0] = str(tmp_path / "*.flac")
+    elif setup == "old model":  # a head saved as its bare pipeline, as before models carried their preprocessing
+        import joblib
+        from sklearn.linear_model import LogisticRegression
+
+        joblib.dump(LogisticRegression(), tmp_path / "fold_1.ckpt")
+        args = [good, "--models", str(tmp_path)]
     else:
         import shutil
 

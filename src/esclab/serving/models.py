@@ -14,7 +14,7 @@ import torch
 
 from esclab.errors import EsclabError
 
-RETRAIN = "retrain it (dvc repro, or python train.py)"
+RETRAIN = "retrain it: dvc repro, or delete the fold models and run python train.py again"
 
 
 @dataclass

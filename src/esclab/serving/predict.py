@@ -23,7 +23,7 @@ import soundfile as sf
 from esclab.data.features import decode
 from esclab.errors import EsclabError
 
-AUDIO = tuple(f".{name.lower()}" for name in sf.available_formats()) + (".oga", ".aif")
+AUDIO = tuple(f".{name.lower()}" for name in sf.available_formats()) + (".oga", ".opus", ".aif")
 FIX = "replace it or leave it out"
 
 
