@@ -54,7 +54,7 @@ def test_the_port_gives_the_packages_own_embeddings(model, tmp_path):
 
 def test_the_loaded_weights_are_the_checkpoints():
     """Every layer of the embedding network comes from the file (none left at its random initialisation)."""
-    loaded = aisfx.load_network(aisfx.default_weights()).state_dict()
+    loaded = aisfx.load_network(aisfx.WEIGHTS.package_file()).state_dict()
     fresh = aisfx.EmbeddingNet().state_dict()
     assert loaded.keys() == fresh.keys()
     weights = [k for k in loaded if k.endswith("weight")]
@@ -88,13 +88,13 @@ def test_embeddings_are_the_same_on_every_call(model):
 @pytest.mark.parametrize("damage", ["truncated", "not a checkpoint"])
 def test_a_damaged_weights_file_is_refused_with_both_hashes(tmp_path, damage):
     bad = tmp_path / "checkpoint.pth"
-    data = aisfx.default_weights().read_bytes()
+    data = aisfx.WEIGHTS.package_file().read_bytes()
     bad.write_bytes(data[: len(data) // 3] if damage == "truncated" else b"plain text")
     with pytest.raises(EsclabError) as err:
         AiSfx(bad)
     message = str(err.value)
-    assert str(bad) in message and aisfx.SETTING in message and "aisfx==0.1.2" in message
-    assert aisfx.SHA256 in message and sha256_of(bad) in message and "\n" not in message
+    assert str(bad) in message and aisfx.WEIGHTS.setting in message and "aisfx==0.1.2" in message
+    assert aisfx.WEIGHTS.sha256 in message and sha256_of(bad) in message and "\n" not in message
 
 
 def test_missing_weights_name_the_setting_and_the_package(tmp_path):
@@ -103,6 +103,6 @@ def test_missing_weights_name_the_setting_and_the_package(tmp_path):
 
 
 def test_a_good_copy_elsewhere_is_accepted(tmp_path, model):
-    copy = Path(shutil.copy(aisfx.default_weights(), tmp_path / "copy.pth"))
+    copy = Path(shutil.copy(aisfx.WEIGHTS.package_file(), tmp_path / "copy.pth"))
     waveform = tone_in_noise(1.0, seed=3)
     assert np.array_equal(AiSfx(copy)(waveform)[0], model(waveform)[0])

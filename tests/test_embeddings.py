@@ -15,7 +15,6 @@ from conftest import REPO, compose_config, printed_warnings
 
 from esclab.data.embeddings import ARRAY
 from esclab.data.representations import cache_settings, check_learner, write_cache
-from esclab.data.split import write_split
 from esclab.errors import EsclabError
 from esclab.models import build_model
 from esclab.models.backbones import yamnet
@@ -25,10 +24,9 @@ YAMNET = ("features=yamnet", "features.duration=1.0")
 
 
 @pytest.fixture(scope="module")
-def split_csv(tiny_tree, tmp_path_factory):
-    path = tmp_path_factory.mktemp("embedding_split") / "split.csv"
-    write_split(tiny_tree, path, n_classes=5, n_folds=5, esc10_only=False)
-    return path
+def split_csv(tiny_data):
+    """The tiny dataset's split table (conftest's, shared by the session)."""
+    return tiny_data["split"]
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +40,7 @@ def test_cache_holds_every_window_of_every_clip_in_split_order(cache, split_csv)
     assert list(pd.read_csv(cache / "index.csv")["path"]) == list(pd.read_csv(split_csv)["path"])
     meta = json.loads((cache / "features.json").read_text())
     assert meta["representation"] == "embedding" and meta["array"] == ARRAY
-    assert meta["settings"] == {"backbones": ["yamnet"], "weights_sha256": {"yamnet": yamnet.SHA256},
+    assert meta["settings"] == {"backbones": ["yamnet"], "weights_sha256": {"yamnet": yamnet.WEIGHTS.sha256},
                                 "duration": 1.0}
     # Row i is the backbone's embedding of clip i, to float16 precision.
     first, _ = yamnet.YamNet()(_clip(split_csv, 0))
@@ -75,7 +73,7 @@ def test_other_weights_or_another_duration_make_the_cache_stale(cache, tmp_path)
 
 def test_wrong_weights_are_refused_before_anything_is_written(split_csv, tmp_path):
     bad = tmp_path / "weights.zip"
-    bad.write_bytes(yamnet.default_weights().read_bytes()[:1000])
+    bad.write_bytes(yamnet.WEIGHTS.package_file().read_bytes()[:1000])
     features = compose_config(*YAMNET, f"features.weights.yamnet={bad}").features
     with pytest.raises(EsclabError, match=f"sha256 mismatch for YAMNet weights {bad} \\(features.weights.yamnet\\)"):
         write_cache(split_csv, tmp_path / "features", features)
@@ -83,7 +81,7 @@ def test_wrong_weights_are_refused_before_anything_is_written(split_csv, tmp_pat
 
 
 def test_a_weights_copy_elsewhere_gives_the_same_cache(cache, split_csv, tmp_path):
-    copy = shutil.copy(yamnet.default_weights(), tmp_path / "YamNet_w8a8.onnx.zip")
+    copy = shutil.copy(yamnet.WEIGHTS.package_file(), tmp_path / "YamNet_w8a8.onnx.zip")
     features = compose_config(*YAMNET, f"features.weights.yamnet={copy}").features
     again = write_cache(split_csv, tmp_path / "features", features)
     assert (again / ARRAY).read_bytes() == (cache / ARRAY).read_bytes()
@@ -184,7 +182,7 @@ def test_train_py_runs_a_pretrained_experiment_end_to_end(request, split_csv, ti
     assert child.data.params["model.name"] == head
     assert child.data.tags["data.features.md5"].endswith(".dir")
     assert child.data.tags["backbone"] == "+".join(backbones)
-    assert child.data.tags["backbone.yamnet.weights.sha256"] == yamnet.SHA256
+    assert child.data.tags["backbone.yamnet.weights.sha256"] == yamnet.WEIGHTS.sha256
     assert ("backbone.aisfx.weights.sha256" in child.data.tags) == ("aisfx" in backbones)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     models = mlflow.search_logged_models(experiment_ids=[child.info.experiment_id], output_format="list")

@@ -47,16 +47,24 @@ def predict(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([*ESCLAB, "predict", *args], cwd=cwd, env=env, capture_output=True, text=True)
 
 
-def test_a_test_clip_gets_the_probabilities_its_fold_model_gave_it_in_training(cnn4_run, tiny_data):
-    """The model's own preprocessing, not the current config: the same numbers as the pipeline's predictions.csv."""
-    table = pd.read_csv(cnn4_run / "reports/folds/3/predictions.csv")
-    clip = pd.read_csv(tiny_data["split"]).set_index("filename").loc[table["filename"][0], "path"]
-    result = predict(clip, "--fold", "3", "--json", "-k", "5", cwd=cnn4_run)
+def predicted_as_in_training(run: Path, split: Path, fold: int, row: int) -> dict:
+    """`esclab predict --fold <fold>` of the clip in row `row` of that fold's predictions.csv, checked against the
+    probabilities the pipeline wrote there, class by class; the JSON record, for further checks."""
+    table = pd.read_csv(run / f"reports/folds/{fold}/predictions.csv")
+    clips = pd.read_csv(split)
+    clip = clips.set_index("filename").loc[table["filename"][row], "path"]
+    result = predict(clip, "--fold", str(fold), "--json", "-k", "5", cwd=run)
     assert result.returncode == 0, result.stderr
     (record,) = json.loads(result.stdout)
-    classes = sorted(pd.read_csv(tiny_data["split"]).drop_duplicates("label").set_index("label")["category"].items())
-    expected = {name: table.loc[0, f"prob_{label}"] for label, name in classes}
+    classes = clips.drop_duplicates("label").set_index("label")["category"]
+    expected = {classes[label]: table.loc[row, f"prob_{label}"] for label in classes.index}
     assert {e["class"]: e["probability"] for e in record["top"]} == pytest.approx(expected, abs=1e-4)
+    return record
+
+
+def test_a_test_clip_gets_the_probabilities_its_fold_model_gave_it_in_training(cnn4_run, tiny_data):
+    """The model's own preprocessing, not the current config: the same numbers as the pipeline's predictions.csv."""
+    record = predicted_as_in_training(cnn4_run, tiny_data["split"], fold=3, row=0)
     assert len(record["windows"]) == 1 and record["seconds"] == 1.0
 
 
@@ -118,14 +126,7 @@ def csv_rows(text: str):
 
 
 def test_a_frozen_backbone_and_head_predict_through_the_backbone(head_run, tiny_data):
-    table = pd.read_csv(head_run / "reports/folds/2/predictions.csv")
-    clip = pd.read_csv(tiny_data["split"]).set_index("filename").loc[table["filename"][1], "path"]
-    result = predict(clip, "--fold", "2", "--json", "-k", "5", cwd=head_run)
-    assert result.returncode == 0, result.stderr
-    (record,) = json.loads(result.stdout)
-    classes = pd.read_csv(tiny_data["split"]).drop_duplicates("label").set_index("label")["category"]
-    expected = {classes[label]: table.loc[1, f"prob_{label}"] for label in classes.index}
-    assert {e["class"]: e["probability"] for e in record["top"]} == pytest.approx(expected, abs=1e-4)
+    predicted_as_in_training(head_run, tiny_data["split"], fold=2, row=1)
 
 
 def test_bad_files_are_reported_and_the_rest_predicted(cnn4_run, tiny_data, tmp_path):

@@ -11,7 +11,6 @@ import torch
 from conftest import compose_config
 
 from esclab.data.representations import cache_settings, check_learner, write_cache
-from esclab.data.split import write_split
 from esclab.errors import EsclabError
 from esclab.training.data import FoldData, check_cache
 
@@ -19,10 +18,9 @@ WAVEFORM = ("features=waveform", "features.duration=1.5", "features.num_workers=
 
 
 @pytest.fixture(scope="module")
-def split_csv(tiny_tree, tmp_path_factory):
-    path = tmp_path_factory.mktemp("waveform_split") / "split.csv"
-    write_split(tiny_tree, path, n_classes=5, n_folds=5, esc10_only=False)
-    return path
+def split_csv(tiny_data):
+    """The tiny dataset's split table (conftest's, shared by the session)."""
+    return tiny_data["split"]
 
 
 @pytest.fixture(scope="module")

@@ -70,7 +70,7 @@ def test_mel_bands_are_triangles_from_125_to_7500_hz():
 @pytest.mark.parametrize("damage", ["truncated", "other bytes", "not a zip"])
 def test_a_damaged_weights_file_is_refused_with_both_hashes(tmp_path, damage):
     bad = tmp_path / "YamNet_w8a8.onnx.zip"
-    data = yamnet.default_weights().read_bytes()
+    data = yamnet.WEIGHTS.package_file().read_bytes()
     if damage == "truncated":
         bad.write_bytes(data[: len(data) // 2])
     elif damage == "other bytes":
@@ -82,7 +82,7 @@ def test_a_damaged_weights_file_is_refused_with_both_hashes(tmp_path, damage):
         YamNet(bad)
     message = str(err.value)
     assert str(bad) in message and "features.weights" in message
-    assert yamnet.SHA256 in message and sha256_of(bad) in message and "\n" not in message
+    assert yamnet.WEIGHTS.sha256 in message and sha256_of(bad) in message and "\n" not in message
 
 
 def test_missing_weights_name_the_setting_and_the_package(tmp_path):
@@ -91,6 +91,6 @@ def test_missing_weights_name_the_setting_and_the_package(tmp_path):
 
 
 def test_a_good_copy_elsewhere_is_accepted(tmp_path, model):
-    copy = Path(shutil.copy(yamnet.default_weights(), tmp_path / "copy.zip"))
+    copy = Path(shutil.copy(yamnet.WEIGHTS.package_file(), tmp_path / "copy.zip"))
     waveform = np.random.default_rng(3).normal(0, 0.1, SR)
     assert np.array_equal(YamNet(copy)(waveform)[0], model(waveform)[0])

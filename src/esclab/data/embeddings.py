@@ -43,20 +43,24 @@ class EmbeddingSettings:
     duration: float
 
 
-def embedding_settings(features) -> EmbeddingSettings:
-    """The settings of a `conf/features/<name>.yaml` config, each weights file verified against its pin."""
+def backbone_names(features) -> list[str]:
+    """`features.backbones`, each known and named once, and no `features.weights` key for a backbone not in it."""
     names = list(features.backbones)
     unknown = [name for name in names if name not in BACKBONES]
     if not names or unknown or len(set(names)) != len(names):
         raise EsclabError(f"features.backbones={names} must name each of its backbones once, from: "
                           f"{', '.join(sorted(BACKBONES))}")
-    weights = features.weights or {}
-    strays = sorted(set(weights) - set(names))
+    strays = sorted(set(features.weights or {}) - set(names))
     if strays:
         raise EsclabError(f"features.weights.{strays[0]} is set, but {strays[0]} is not in features.backbones="
                           f"{names}: add it there, or drop the setting")
-    sha256 = {name: BACKBONES[name].checked_weights(weights.get(name), f"features.weights.{name}")[1]
-              for name in names}
+    return names
+
+
+def embedding_settings(features) -> EmbeddingSettings:
+    """The settings of a `conf/features/<name>.yaml` config, each weights file verified against its pin."""
+    names, weights = backbone_names(features), features.weights or {}
+    sha256 = {name: BACKBONES[name].pinned.checked(weights.get(name))[1] for name in names}
     return EmbeddingSettings(backbones=names, weights_sha256=sha256, duration=features.duration)
 
 
@@ -82,9 +86,10 @@ def embed(mono: np.ndarray, rate: int, backbones: list, duration: float) -> np.n
 
 def write_embeddings(split_csv: Path, out_dir: Path, features) -> Path:
     """The features stage for embeddings: embedding.npy + index.csv + features.json, all or nothing."""
-    settings = embedding_settings(features)
     weights = features.weights or {}
-    backbones = [build_backbone(name, weights.get(name)) for name in settings.backbones]
+    backbones = [build_backbone(name, weights.get(name)) for name in backbone_names(features)]  # each verifies its file
+    settings = EmbeddingSettings(backbones=[b.name for b in backbones],
+                                 weights_sha256={b.name: b.sha256 for b in backbones}, duration=features.duration)
     table = pd.read_csv(split_csv)
     label = "+".join(settings.backbones)
     with atomic_dir(out_dir) as tmp:

@@ -1,8 +1,9 @@
 """Pretrained networks used frozen: each turns a waveform into per-window embeddings, from pinned weights.
 
-A backbone class has `name`, `sample_rate`, `dim`, `checked_weights(weights, setting) -> (path, sha256)`
-(refusing a file that is not the pinned one), `window_centres(n) -> seconds` and, once
-built, `sha256` and `__call__(waveform) -> (embeddings windows x dim, class scores or None)`.
+A backbone class has `name`, `sample_rate`, `pinned` (its PinnedWeights, weights.py:
+`pinned.checked(weights) -> (path, sha256)` refuses a file that is not the pinned one),
+`window_centres(n) -> seconds` and, once built, `weights`, `sha256` and
+`__call__(waveform) -> (embeddings windows x dim, class scores or None)`.
 `features.backbones` picks them by their keys here.
 """
 
@@ -15,4 +16,4 @@ BACKBONES = {"yamnet": YamNet, "aisfx": AiSfx}
 
 
 def build_backbone(name: str, weights: str | Path | None):
-    return BACKBONES[name](Path(weights) if weights else None, f"features.weights.{name}")
+    return BACKBONES[name](Path(weights) if weights else None)

@@ -27,21 +27,17 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from esclab.models.backbones.weights import package_file, verified
+from esclab.models.backbones.weights import PinnedWeights
 
-SHA256 = "499ea75909c932a2f94c35fa722fa4fabc5bcb7e84917209cc5f7402627b7eb5"  # aisfx 0.1.2's checkpoint.pth
 SAMPLE_RATE = 44100
 N_FFT, HOP = 2048, 1024
 N_MELS = 96
 LOG_SCALE, LOG_MAX = 10000.0, 9.457798957824707
 BLOCK, BLOCK_HOP = 100, 50  # frames
 EMBEDDING_DIM = 512
-INSTALL = "pip install --no-deps aisfx==0.1.2"
-SETTING = "features.weights.aisfx"
-
-
-def default_weights(setting: str = SETTING) -> Path:
-    return package_file("aisfx", "models/checkpoint.pth", backbone="aiSFX", install=INSTALL, setting=setting)
+WEIGHTS = PinnedWeights(backbone="aisfx", title="aiSFX", package="aisfx", relative="models/checkpoint.pth",
+                        sha256="499ea75909c932a2f94c35fa722fa4fabc5bcb7e84917209cc5f7402627b7eb5",  # aisfx 0.1.2's
+                        install="pip install --no-deps aisfx==0.1.2")
 
 
 class ConvBlock(nn.Module):
@@ -114,18 +110,12 @@ class AiSfx:
 
     name = "aisfx"
     sample_rate = SAMPLE_RATE
-    dim = EMBEDDING_DIM
+    pinned = WEIGHTS
 
-    def __init__(self, weights: Path | None = None, setting: str = SETTING):
-        self.weights, self.sha256 = self.checked_weights(weights, setting)
+    def __init__(self, weights: Path | None = None):
+        self.weights, self.sha256 = WEIGHTS.checked(weights)
         self.network = load_network(self.weights)
         self.filters = mel_filters()
-
-    @staticmethod
-    def checked_weights(weights: Path | None, setting: str = SETTING) -> tuple[Path, str]:
-        """The weights file (aisfx's copy unless `weights` names one) and its sha256, once it matches the pin."""
-        path = Path(weights) if weights else default_weights(setting)
-        return path, verified(path, sha256=SHA256, backbone="aiSFX", install=INSTALL, setting=setting)
 
     @staticmethod
     def window_centres(n_windows: int) -> np.ndarray:

