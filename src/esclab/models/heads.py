@@ -54,3 +54,11 @@ def candidates(name: str, *, C: Sequence[float], pooling: str, seed: int, **opti
                           f"for another head may have set it), see conf/model/{name}.yaml")
     return [make_pipeline(FunctionTransformer(partial(pool, how=pooling)), StandardScaler(),
                           HEADS[name](float(c), seed, **options)) for c in C]
+
+
+def class_probabilities(pipeline: Pipeline, rows: np.ndarray, n_classes: int) -> np.ndarray:
+    """A fitted head's probabilities with every class's column, also one its training rows lacked; rows summing
+    to 1 in float64."""
+    full = np.zeros((len(rows), n_classes))
+    full[:, pipeline.classes_] = pipeline.predict_proba(np.asarray(rows, dtype=np.float32))
+    return full / full.sum(axis=1, keepdims=True)

@@ -59,15 +59,15 @@ def load_network(path: Path) -> FoldModel:
 def load_head(path: Path) -> FoldModel:
     import joblib
 
+    from esclab.models.heads import class_probabilities
+
     saved = joblib.load(path)
     if not isinstance(saved, dict) or "preprocessing" not in saved:
         raise EsclabError(f"model {path} was trained before esclab kept the preprocessing in its models; {RETRAIN}")
     pipeline, preprocessing = saved["pipeline"], saved["preprocessing"]
 
     def predict(rows: np.ndarray) -> np.ndarray:
-        full = np.zeros((len(rows), len(preprocessing["classes"])))
-        full[:, pipeline.classes_] = pipeline.predict_proba(np.asarray(rows, dtype=np.float32))
-        return full / full.sum(axis=1, keepdims=True)
+        return class_probabilities(pipeline, rows, len(preprocessing["classes"]))
 
     return FoldModel(path, preprocessing, predict)
 

@@ -33,7 +33,7 @@ from esclab.data.representations import cache_settings, check_learner, represent
 from esclab.errors import EsclabError
 from esclab.logs import silence_known_noise
 from esclab.models import model_settings
-from esclab.models.heads import HEADS, candidates
+from esclab.models.heads import HEADS, candidates, class_probabilities
 from esclab.serving.preprocessing import preprocessing_of
 from esclab.tracking import Tracker
 from esclab.training.data import FoldData, check_cache
@@ -174,10 +174,7 @@ def fit_head(cfg: DictConfig, fold: int, tracker: Tracker, run_id: str, target: 
         return np.asarray(data.array[which], dtype=np.float32)
 
     def probabilities(pipeline, which: np.ndarray) -> np.ndarray:
-        """Every class's column, also one the training rows lacked; rows summing to 1 in float64."""
-        full = np.zeros((len(which), n_classes))
-        full[:, pipeline.classes_] = pipeline.predict_proba(rows(which))
-        return full / full.sum(axis=1, keepdims=True)
+        return class_probabilities(pipeline, rows(which), n_classes)
 
     history, best = [], None
     for step, pipeline in enumerate(candidates(cfg.model.name, seed=cfg.seed, **options)):
