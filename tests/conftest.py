@@ -87,6 +87,44 @@ def tiny_overrides(data: dict[str, Path], out: Path, *extra: str) -> list[str]:
             f"tracking.uri=sqlite:///{out / 'mlflow.db'}", *extra]
 
 
+@pytest.fixture(scope="session")
+def cnn4_run(tiny_data, tmp_path_factory) -> Path:
+    """A whole tiny cross-validation of cnn4 (models/ and reports/ under the returned folder)."""
+    from esclab.training.run import train
+
+    out = tmp_path_factory.mktemp("predict_cnn4")
+    train(compose_config(*tiny_overrides(tiny_data, out, "tracking.log_model=false")))
+    return out
+
+
+def embedding_run(tiny_data: dict[str, Path], out: Path, features: str, *overrides: str) -> Path:
+    """A tiny cross-validation on `features`' embeddings of the tiny dataset (1-s clips) into `out`."""
+    from esclab.data.representations import write_cache
+    from esclab.training.run import train
+
+    settings = compose_config(features, "features.duration=1.0").features
+    cache = write_cache(tiny_data["split"], out / "features", settings)
+    tiny = [o for o in tiny_overrides(tiny_data, out, "tracking.log_model=false")
+            if not o.startswith(("features.", "paths.features"))]
+    train(compose_config(*overrides, *tiny, "features.duration=1.0", f"paths.features={cache}"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def head_run(tiny_data, tmp_path_factory) -> Path:
+    """A tiny cross-validation of seed 002's system: frozen YAMNet embeddings, a linear SVM per fold."""
+    return embedding_run(tiny_data, tmp_path_factory.mktemp("predict_svm"), "features=yamnet", "experiment=yamnet_svm")
+
+
+ESCLAB = [sys.executable, "-c", "from esclab.cli import main; main()"]
+
+
+def esclab(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`esclab <args>` in a fresh process, as a user runs it (errors as one line: HYDRA_FULL_ERROR unset)."""
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    return subprocess.run([*ESCLAB, *args], cwd=cwd, env=env, capture_output=True, text=True)
+
+
 def pytest_configure(config):
     """The warnings esclab silences in its own processes (esclab/logs.py), silenced here too; every other one shows."""
     from esclab.logs import pytest_filters

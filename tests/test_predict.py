@@ -1,9 +1,7 @@
 """`esclab predict` on models trained here: the training preprocessing reproduced, any audio a user has, bad input."""
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,40 +9,11 @@ import pandas as pd
 import pytest
 import soundfile as sf
 import torch
-from conftest import compose_config, tiny_overrides
-
-from esclab.data.representations import write_cache
-
-ESCLAB = [sys.executable, "-c", "from esclab.cli import main; main()"]
-
-
-@pytest.fixture(scope="module")
-def cnn4_run(tiny_data, tmp_path_factory) -> Path:
-    """A whole tiny cross-validation of cnn4 (models/ and reports/ under the returned folder)."""
-    from esclab.training.run import train
-
-    out = tmp_path_factory.mktemp("predict_cnn4")
-    train(compose_config(*tiny_overrides(tiny_data, out, "tracking.log_model=false")))
-    return out
-
-
-@pytest.fixture(scope="module")
-def head_run(tiny_data, tmp_path_factory) -> Path:
-    """A tiny cross-validation of seed 002's system: frozen YAMNet embeddings, a linear SVM per fold."""
-    from esclab.training.run import train
-
-    out = tmp_path_factory.mktemp("predict_svm")
-    features = compose_config("features=yamnet", "features.duration=1.0").features
-    cache = write_cache(tiny_data["split"], out / "features", features)
-    overrides = [o for o in tiny_overrides(tiny_data, out, "tracking.log_model=false")
-                 if not o.startswith(("features.", "paths.features"))]
-    train(compose_config("experiment=yamnet_svm", *overrides, "features.duration=1.0", f"paths.features={cache}"))
-    return out
+from conftest import esclab
 
 
 def predict(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    return subprocess.run([*ESCLAB, "predict", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    return esclab("predict", *args, cwd=cwd)
 
 
 def predicted_as_in_training(run: Path, split: Path, fold: int, row: int) -> dict:

@@ -1,4 +1,4 @@
-"""`esclab <stage> [overrides]`: the Hydra entry points that dvc.yaml runs, `esclab results` and `esclab predict`.
+"""`esclab <stage> [overrides]`: the Hydra entry points that dvc.yaml runs, `esclab results`; `esclab predict|export`.
 
 Each stage reads the composed config (conf/ by default; dvc.yaml passes
 `--config-dir . --config-name params` so the stages read params.yaml) and calls
@@ -74,13 +74,17 @@ def run_reporting_errors(fn, cfg: DictConfig) -> None:
         sys.exit(1)
 
 
-def predict(argv: list[str]) -> None:
-    """`esclab predict ...`: plain flags, not Hydra overrides (it reads no config: the model carries its own)."""
-    from esclab.serving.predict import main as predict_main
+# Commands that read no config (the model carries its own): plain flags, not Hydra overrides; module -> main(argv).
+COMMANDS = {"predict": "esclab.serving.predict", "export": "esclab.serving.export"}
+
+
+def run_command(name: str, argv: list[str]) -> None:
+    """`esclab predict ...` / `esclab export ...`: a user-causable error is one line on stderr and exit status 1."""
+    import importlib
 
     silence_known_noise()
     try:
-        sys.exit(predict_main(argv))
+        sys.exit(importlib.import_module(COMMANDS[name]).main(argv))
     except EsclabError as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
@@ -89,10 +93,10 @@ def predict(argv: list[str]) -> None:
 
 
 def main() -> None:
-    if len(sys.argv) >= 2 and sys.argv[1] == "predict":
-        predict(sys.argv[2:])
+    if len(sys.argv) >= 2 and sys.argv[1] in COMMANDS:
+        run_command(sys.argv[1], sys.argv[2:])
     if len(sys.argv) < 2 or sys.argv[1] not in STAGES:
-        print(f"usage: esclab {{{','.join(STAGES)}}} [key=value ...], or esclab predict [--help] FILE ...",
+        print(f"usage: esclab {{{','.join(STAGES)}}} [key=value ...], or esclab {{{','.join(COMMANDS)}}} [--help] ...",
               file=sys.stderr)
         sys.exit(2)
     stage = STAGES[sys.argv.pop(1)]

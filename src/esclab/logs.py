@@ -21,21 +21,36 @@ KNOWN_WARNINGS = [
     (r"'(aifc|audioop|sunau)' is deprecated and slated for removal in Python 3\.13", DeprecationWarning,
      "audioread, librosa's fallback decoder, imported by the librosa reference in tests and bench/features.py"),
 ]
-# Lightning's advertisement for its hosted logger, printed by every Trainer; esclab logs to MLflow.
-ADVERTISEMENT = "💡 Tip: For seamless cloud logging"
+# (logger, start of the message, where it comes from and why it is dropped): log lines, not warnings.
+KNOWN_LOG_LINES = [
+    ("lightning.pytorch.utilities.rank_zero", "💡 Tip: For seamless cloud logging",
+     "Lightning's advertisement for its hosted logger, printed by every Trainer; esclab logs to MLflow"),
+    ("torch.onnx._internal.exporter._registration", "torchvision is not installed",
+     "torch.onnx, on every export, about torchvision's operators, which no esclab model uses"),
+    ("root", "Please consider to run pre-processing before quantization",
+     "onnxruntime's quantize_dynamic: its shape pre-processing is for static quantisation, esclab's is dynamic"),
+    ("root", "Please check if the model is already quantized",
+     "onnxruntime's quantize_dynamic, seeing YAMNet's 8-bit layers, which esclab export leaves as they are"),
+]
 
 
-def _not_an_advertisement(record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith(ADVERTISEMENT)
+class _DropKnown(logging.Filter):
+    def __init__(self, starts: tuple[str, ...]):
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.starts)
 
 
 def silence_known_noise() -> None:
-    """Apply KNOWN_WARNINGS and drop Lightning's advertisement, in this process (spawned ones call it again)."""
+    """Apply KNOWN_WARNINGS and KNOWN_LOG_LINES in this process (spawned ones call it again)."""
     for message, category, _ in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
-    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    if _not_an_advertisement not in logger.filters:
-        logger.addFilter(_not_an_advertisement)
+    for name in dict.fromkeys(name for name, _, _ in KNOWN_LOG_LINES):
+        logger = logging.getLogger(None if name == "root" else name)
+        if not any(isinstance(f, _DropKnown) for f in logger.filters):
+            logger.addFilter(_DropKnown(tuple(start for n, start, _ in KNOWN_LOG_LINES if n == name)))
 
 
 def pytest_filters() -> list[str]:

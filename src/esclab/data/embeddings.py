@@ -26,7 +26,8 @@ import pandas as pd
 from tqdm import tqdm
 
 from esclab.atomic import atomic_dir
-from esclab.data.features import decode, fit
+from esclab.data.audio import decode
+from esclab.data.features import fit
 from esclab.errors import EsclabError
 from esclab.models.backbones import BACKBONES, build_backbone
 
@@ -64,15 +65,19 @@ def embedding_settings(features) -> EmbeddingSettings:
     return EmbeddingSettings(backbones=names, weights_sha256=sha256, duration=features.duration)
 
 
+def grid_indices(counts: list[int], backbones: list) -> list[np.ndarray]:
+    """For backbones that made `counts` windows of one clip: which of its windows each backbone puts on each window
+    of the grid (the windows of the backbone with the most)."""
+    finest = max(range(len(counts)), key=lambda i: counts[i])
+    grid = backbones[finest].window_centres(counts[finest])
+    return [np.abs(grid[:, None] - backbone.window_centres(count)[None, :]).argmin(axis=1)
+            for count, backbone in zip(counts, backbones)]
+
+
 def on_one_grid(parts: list[np.ndarray], backbones: list) -> np.ndarray:
     """Backbones' (windows x dim) embeddings of one clip side by side, on the windows of the one with the most."""
-    finest = max(range(len(parts)), key=lambda i: len(parts[i]))
-    grid = backbones[finest].window_centres(len(parts[finest]))
-    aligned = []
-    for part, backbone in zip(parts, backbones):
-        nearest = np.abs(grid[:, None] - backbone.window_centres(len(part))[None, :]).argmin(axis=1)
-        aligned.append(part[nearest])
-    return np.concatenate(aligned, axis=1)
+    indices = grid_indices([len(part) for part in parts], backbones)
+    return np.concatenate([part[index] for part, index in zip(parts, indices)], axis=1)
 
 
 def embed(mono: np.ndarray, rate: int, backbones: list, duration: float) -> np.ndarray:

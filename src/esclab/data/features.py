@@ -19,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import soundfile as sf
 import torch
 import torchaudio
 from tqdm import tqdm
 
 from esclab.atomic import atomic_dir
+from esclab.data.audio import decode
 from esclab.errors import EsclabError
 
 log = logging.getLogger(__name__)
@@ -108,21 +108,6 @@ class LogMel(torch.nn.Module):
             std = db.std(dim=(-2, -1), keepdim=True)
             db = (db - mean) / std.clamp_min(1e-5)
         return db
-
-
-def decode(path: str | Path, fix: str = "replace the file, or remove it and its row from meta/esc50.csv"
-           ) -> tuple[np.ndarray, int]:
-    """Decode one file to mono float32 at its own rate; a file that holds no usable audio is refused with `fix`."""
-    try:
-        audio, rate = sf.read(path, dtype="float32", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError, OSError) as err:
-        raise EsclabError(f"cannot decode {path} ({err}); {fix}") from None
-    if audio.shape[0] == 0:
-        raise EsclabError(f"{path} holds no audio samples; {fix}")
-    mono = audio.mean(axis=1)
-    if not np.isfinite(mono).all():
-        raise EsclabError(f"{path} decodes to NaN or infinite samples; {fix}")
-    return mono, rate
 
 
 def fit(mono: np.ndarray, rate: int, *, sample_rate: int, n_samples: int) -> np.ndarray:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from esclab.errors import EsclabError
+from esclab.serving.preprocessing import Frontend
 
 RETRAIN = "retrain it: dvc repro, or delete the fold models and run python train.py again"
 
@@ -24,6 +25,7 @@ class FoldModel:
     path: Path
     preprocessing: dict
     predict: object  # rows (np.ndarray) -> probabilities (np.ndarray)
+    network: torch.nn.Module | None = None  # the same as a torch module (rows -> probabilities); None for a head
 
 
 def load_fold(path: Path) -> FoldModel:
@@ -53,7 +55,7 @@ def load_network(path: Path) -> FoldModel:
         with torch.inference_mode():
             return network(torch.from_numpy(np.asarray(rows, dtype=np.float32))).numpy()
 
-    return FoldModel(path, preprocessing, predict)
+    return FoldModel(path, preprocessing, predict, network)
 
 
 def load_head(path: Path) -> FoldModel:
@@ -87,9 +89,24 @@ class FoldEnsemble:
                                   "they come from different runs; rerun the cross-validation, or pick one with --fold")
         self.models, self.preprocessing = models, first
         self.classes = first["classes"]
+        self.frontend = Frontend(first)
+        self.duration = self.frontend.duration
 
     def predict(self, rows: np.ndarray) -> np.ndarray:
         return np.mean([model.predict(rows) for model in self.models], axis=0)
+
+    def predict_windows(self, windows: list[np.ndarray], rate: int) -> np.ndarray:
+        """Windows of a recording (mono, any rate) -> class probabilities (windows x classes)."""
+        return self.predict(np.stack([self.frontend.rows(window, rate) for window in windows]))
+
+
+def require_networks(ensemble: FoldEnsemble) -> list[torch.nn.Module]:
+    """The fold models as torch modules, or one line saying which model is a scikit-learn head."""
+    for model in ensemble.models:
+        if model.network is None:
+            raise EsclabError(f"{model.path} is a scikit-learn head (model=logistic or svm): esclab export takes "
+                              "the networks (cnn4, ffn); train one with model=ffn, or use esclab predict")
+    return [model.network for model in ensemble.models]
 
 
 def load_cross_validation(models_dir: Path, fold: int | None = None) -> FoldEnsemble:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from esclab.data.features import decode
+from esclab.data.audio import decode
 from esclab.errors import EsclabError
 
 AUDIO = tuple(f".{name.lower()}" for name in sf.available_formats()) + (".oga", ".opus", ".aif")
@@ -54,16 +54,29 @@ def windows(mono: np.ndarray, rate: int, duration: float, hop: float) -> list[tu
     return [(i * step / rate, mono[i * step:i * step + size]) for i in range(count)]
 
 
-def predict_file(path: Path, ensemble, frontend, hop: float) -> dict:
+def load_model(models: Path, fold: int | None = None):
+    """What `--models` names: a cross-validation's folder (its folds averaged, or `fold`'s model) or an exported
+    file (model.onnx, run by onnxruntime without torch). Either has `classes`, `duration` (seconds per window) and
+    `predict_windows(windows, rate) -> probabilities (windows x classes)`."""
+    if models.suffix == ".onnx":
+        from esclab.serving.runtime import ExportedModel
+
+        if fold is not None:
+            raise EsclabError(f"--fold picks a fold of a cross-validation's folder; {models} is an exported model, "
+                              "which holds the folds it was exported with: leave --fold out")
+        return ExportedModel(models)
+    from esclab.serving.models import load_cross_validation
+
+    return load_cross_validation(models, fold)
+
+
+def predict_file(path: Path, model, hop: float) -> dict:
     mono, rate = decode(path, FIX)
-    starts, rows = [], []
-    for start, window in windows(mono, rate, frontend.duration, hop):
-        starts.append(start)
-        rows.append(frontend.rows(window, rate))
-    probabilities = ensemble.predict(np.stack(rows))
+    starts, cuts = zip(*windows(mono, rate, model.duration, hop))
+    probabilities = model.predict_windows(list(cuts), rate)
     return {"file": str(path), "seconds": round(len(mono) / rate, 3),
             "probabilities": probabilities.mean(axis=0),
-            "windows": [{"start": round(s, 3), "end": round(s + frontend.duration, 3), "probabilities": p}
+            "windows": [{"start": round(s, 3), "end": round(s + model.duration, 3), "probabilities": p}
                         for s, p in zip(starts, probabilities)]}
 
 
@@ -106,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="esclab predict", description=__doc__.split("\n")[0])
     parser.add_argument("inputs", nargs="+", help="audio files, folders (searched recursively) or globs")
     parser.add_argument("--models", type=Path, default=Path("models"),
-                        help="folder of the cross-validation's fold_<k>.ckpt (default: the workspace's models/)")
+                        help="folder of the cross-validation's fold_<k>.ckpt (default: the workspace's models/), "
+                             "or an exported model file (esclab export)")
     parser.add_argument("--fold", type=int, help="use this fold's model only (default: all folds, averaged)")
     parser.add_argument("-k", "--top-k", type=int, default=2, help="classes shown per file and window (default 2)")
     parser.add_argument("--hop", type=float, help="seconds between windows of a long recording (default: half the "
@@ -120,21 +134,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.hop is not None and args.hop <= 0:
         parser.error("--hop must be a positive number of seconds")
 
-    from esclab.serving.models import load_cross_validation
-    from esclab.serving.preprocessing import Frontend
-
-    ensemble = load_cross_validation(args.models, args.fold)
-    frontend = Frontend(ensemble.preprocessing)
-    hop = args.hop or frontend.duration / 2
+    model = load_model(args.models, args.fold)
+    hop = args.hop or model.duration / 2
     results, failed = [], 0
     for path in audio_inputs(args.inputs):
         try:
-            results.append(predict_file(path, ensemble, frontend, hop))
+            results.append(predict_file(path, model, hop))
         except EsclabError as err:
             print(f"esclab: skipped: {err}", file=sys.stderr)
             failed += 1
     if results:
-        records = as_records(results, ensemble.classes, min(args.top_k, len(ensemble.classes)))
+        records = as_records(results, model.classes, min(args.top_k, len(model.classes)))
         if args.json:
             json.dump(records, sys.stdout, indent=2)
             print()

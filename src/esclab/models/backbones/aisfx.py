@@ -78,11 +78,14 @@ def mel_filters() -> torch.Tensor:
     return torch.from_numpy(weights.T.astype(np.float32))
 
 
-def blocks(waveform: np.ndarray, filters: torch.Tensor) -> torch.Tensor:
-    """A 44.1 kHz mono waveform as the network's input: (blocks, 1, 100 frames, 96 bands), float32."""
-    x = torch.as_tensor(np.asarray(waveform, dtype=np.float32))
+def blocks(waveform: np.ndarray | torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
+    """A 44.1 kHz mono waveform as the network's input: (blocks, 1, 100 frames, 96 bands), float32.
+
+    Written with tensor operations only (no branch on the data), so that `esclab export` traces it into ONNX.
+    """
+    x = torch.as_tensor(waveform, dtype=torch.float32)
     peak = x.abs().max()
-    x = x / peak if peak > 0 else x
+    x = torch.where(peak > 0, x / peak, x)
     spectrum = torch.stft(x, N_FFT, HOP, window=torch.hann_window(N_FFT), center=True, pad_mode="constant",
                           return_complex=True)
     mel = spectrum.abs().pow(2).T @ filters  # frames x bands

@@ -1,0 +1,50 @@
+"""Decoding and resampling audio with numpy and soundfile only (no torch), so that a small device can run them too."""
+
+import math
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from esclab.errors import EsclabError
+
+
+def decode(path: str | Path, fix: str = "replace the file, or remove it and its row from meta/esc50.csv"
+           ) -> tuple[np.ndarray, int]:
+    """Decode one file to mono float32 at its own rate; a file that holds no usable audio is refused with `fix`."""
+    try:
+        audio, rate = sf.read(path, dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, OSError) as err:
+        raise EsclabError(f"cannot decode {path} ({err}); {fix}") from None
+    if audio.shape[0] == 0:
+        raise EsclabError(f"{path} holds no audio samples; {fix}")
+    mono = audio.mean(axis=1)
+    if not np.isfinite(mono).all():
+        raise EsclabError(f"{path} decodes to NaN or infinite samples; {fix}")
+    return mono, rate
+
+
+def resample(mono: np.ndarray, rate: int, target: int) -> np.ndarray:
+    """`mono` from `rate` to `target` Hz with the filter torchaudio.functional.resample uses by default (training's
+    resampler), in numpy, for the devices that run exported models without torch (tests/test_export.py checks the two
+    agree).
+
+    Each output sample is a Hann-windowed sinc interpolation of the input: the cut-off is 0.99 of the lower Nyquist
+    frequency, the sinc is cut after 6 zero crossings on each side. With both rates divided by their greatest common
+    divisor (`up` outputs for every `down` inputs), the `up` filters repeat every `down` inputs, so the whole
+    resampling is one product of the input's strided frames with an (up x taps) filter bank.
+    """
+    if rate == target:
+        return np.asarray(mono, dtype=np.float32)
+    gcd = math.gcd(rate, target)
+    down, up = rate // gcd, target // gcd
+    zero_crossings, cutoff = 6, min(down, up) * 0.99
+    width = math.ceil(zero_crossings * down / cutoff)
+    t = (np.arange(-width, width + down) / down)[None, :] - (np.arange(up) / up)[:, None]
+    t = np.clip(t * cutoff, -zero_crossings, zero_crossings)
+    window = np.cos(t * math.pi / zero_crossings / 2) ** 2
+    filters = np.sinc(t) * window * cutoff / down  # (up, taps)
+    padded = np.pad(np.asarray(mono, dtype=np.float64), (width, width + down))
+    frames = np.lib.stride_tricks.sliding_window_view(padded, filters.shape[1])[::down]
+    out = (frames @ filters.T).reshape(-1)
+    return out[:math.ceil(up * len(mono) / down)].astype(np.float32)
