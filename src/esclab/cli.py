@@ -1,4 +1,5 @@
-"""`esclab <stage> [overrides]`: the Hydra entry points that dvc.yaml runs, `esclab results` and `esclab predict`.
+"""`esclab <stage> [overrides]`: the Hydra entry points that dvc.yaml runs and `esclab results`; `esclab predict`
+and `esclab serve`, which take plain flags.
 
 Each stage reads the composed config (conf/ by default; dvc.yaml passes
 `--config-dir . --config-name params` so the stages read params.yaml) and calls
@@ -74,13 +75,17 @@ def run_reporting_errors(fn, cfg: DictConfig) -> None:
         sys.exit(1)
 
 
-def predict(argv: list[str]) -> None:
-    """`esclab predict ...`: plain flags, not Hydra overrides (it reads no config: the model carries its own)."""
-    from esclab.serving.predict import main as predict_main
+# Commands with plain flags, not Hydra overrides (they read no config: the model carries its own).
+PLAIN = {"predict": "esclab.serving.predict", "serve": "esclab.serving.app"}
+
+
+def plain(command: str, argv: list[str]) -> None:
+    """`esclab predict ...`, `esclab serve ...`: a user-causable error is one line and exit status 1."""
+    import importlib
 
     silence_known_noise()
     try:
-        sys.exit(predict_main(argv))
+        sys.exit(importlib.import_module(PLAIN[command]).main(argv))
     except EsclabError as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
@@ -89,10 +94,11 @@ def predict(argv: list[str]) -> None:
 
 
 def main() -> None:
-    if len(sys.argv) >= 2 and sys.argv[1] == "predict":
-        predict(sys.argv[2:])
+    if len(sys.argv) >= 2 and sys.argv[1] in PLAIN:
+        plain(sys.argv[1], sys.argv[2:])
     if len(sys.argv) < 2 or sys.argv[1] not in STAGES:
-        print(f"usage: esclab {{{','.join(STAGES)}}} [key=value ...], or esclab predict [--help] FILE ...",
+        print(f"usage: esclab {{{','.join(STAGES)}}} [key=value ...], or esclab predict [--help] FILE ..., "
+              "or esclab serve [--help]",
               file=sys.stderr)
         sys.exit(2)
     stage = STAGES[sys.argv.pop(1)]

@@ -55,13 +55,17 @@ def windows(mono: np.ndarray, rate: int, duration: float, hop: float) -> list[tu
 
 
 def predict_file(path: Path, ensemble, frontend, hop: float) -> dict:
-    mono, rate = decode(path, FIX)
+    return predict_audio(*decode(path, FIX), ensemble, frontend, hop, name=str(path))
+
+
+def predict_audio(mono: np.ndarray, rate: int, ensemble, frontend, hop: float, name: str) -> dict:
+    """A decoded recording's windows through the model: its mean probabilities and each window's."""
     starts, rows = [], []
     for start, window in windows(mono, rate, frontend.duration, hop):
         starts.append(start)
         rows.append(frontend.rows(window, rate))
     probabilities = ensemble.predict(np.stack(rows))
-    return {"file": str(path), "seconds": round(len(mono) / rate, 3),
+    return {"file": name, "seconds": round(len(mono) / rate, 3),
             "probabilities": probabilities.mean(axis=0),
             "windows": [{"start": round(s, 3), "end": round(s + frontend.duration, 3), "probabilities": p}
                         for s, p in zip(starts, probabilities)]}
