@@ -34,12 +34,13 @@ demo: setup
 results: setup
 	esclab results --config-dir . --config-name params $(ARGS)
 
-# Debian's Chromium, for the test that looks at the MLflow UI (tests/test_mlflow_ui.py): installed where
-# this user may (root, as in CI); elsewhere that test is skipped, or fails under CI=true.
+# Debian's Chromium and its chromedriver, for the tests that look at the MLflow UI (tests/test_mlflow_ui.py) and
+# drive esclab serve's page (tests/test_serve.py): installed where this user may (root, as in CI); elsewhere those
+# tests are skipped, or fail under CI=true.
 browser:
-	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
-		echo "make: no chromium here; tests/test_mlflow_ui.py will be skipped (apt-get install chromium)"
+	@{ command -v chromium && command -v chromedriver; } >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } || \
+		echo "make: no chromium/chromedriver here; the browser tests will be skipped (apt-get install chromium chromium-driver)"
 
 ## test: the whole test suite
 test: setup browser

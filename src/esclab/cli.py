@@ -1,4 +1,5 @@
-"""`esclab <stage> [overrides]`: the Hydra entry points that dvc.yaml runs, `esclab results`; `esclab predict|export`.
+"""`esclab <stage> [overrides]`: the Hydra entry points that dvc.yaml runs and `esclab results`; `esclab predict`,
+`esclab export` and `esclab serve`, which take plain flags.
 
 Each stage reads the composed config (conf/ by default; dvc.yaml passes
 `--config-dir . --config-name params` so the stages read params.yaml) and calls
@@ -75,11 +76,11 @@ def run_reporting_errors(fn, cfg: DictConfig) -> None:
 
 
 # Commands that read no config (the model carries its own): plain flags, not Hydra overrides; module -> main(argv).
-COMMANDS = {"predict": "esclab.serving.predict", "export": "esclab.serving.export"}
+COMMANDS = {"predict": "esclab.serving.predict", "export": "esclab.serving.export", "serve": "esclab.serving.app"}
 
 
 def run_command(name: str, argv: list[str]) -> None:
-    """`esclab predict ...` / `esclab export ...`: a user-causable error is one line on stderr and exit status 1."""
+    """`esclab predict|export|serve ...`: a user-causable error is one line on stderr and exit status 1."""
     import importlib
 
     silence_known_noise()

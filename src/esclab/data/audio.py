@@ -2,6 +2,7 @@
 
 import math
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import soundfile as sf
@@ -9,18 +10,20 @@ import soundfile as sf
 from esclab.errors import EsclabError
 
 
-def decode(path: str | Path, fix: str = "replace the file, or remove it and its row from meta/esc50.csv"
-           ) -> tuple[np.ndarray, int]:
-    """Decode one file to mono float32 at its own rate; a file that holds no usable audio is refused with `fix`."""
+def decode(source: str | Path | BinaryIO, fix: str = "replace the file, or remove it and its row from meta/esc50.csv",
+           name: str | None = None) -> tuple[np.ndarray, int]:
+    """Decode one file, or file-like object (called `name` in messages), to mono float32 at its own rate; a file that
+    holds no usable audio is refused with `fix`."""
+    name = name or str(source)
     try:
-        audio, rate = sf.read(path, dtype="float32", always_2d=True)
+        audio, rate = sf.read(source, dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, OSError) as err:
-        raise EsclabError(f"cannot decode {path} ({err}); {fix}") from None
+        raise EsclabError(f"cannot decode {name} ({err}); {fix}") from None
     if audio.shape[0] == 0:
-        raise EsclabError(f"{path} holds no audio samples; {fix}")
+        raise EsclabError(f"{name} holds no audio samples; {fix}")
     mono = audio.mean(axis=1)
     if not np.isfinite(mono).all():
-        raise EsclabError(f"{path} decodes to NaN or infinite samples; {fix}")
+        raise EsclabError(f"{name} decodes to NaN or infinite samples; {fix}")
     return mono, rate
 
 

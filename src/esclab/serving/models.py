@@ -91,6 +91,7 @@ class FoldEnsemble:
         self.classes = first["classes"]
         self.frontend = Frontend(first)
         self.duration = self.frontend.duration
+        self.description = ", ".join(model.path.name for model in models)
 
     def predict(self, rows: np.ndarray) -> np.ndarray:
         return np.mean([model.predict(rows) for model in self.models], axis=0)

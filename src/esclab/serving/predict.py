@@ -71,10 +71,14 @@ def load_model(models: Path, fold: int | None = None):
 
 
 def predict_file(path: Path, model, hop: float) -> dict:
-    mono, rate = decode(path, FIX)
+    return predict_audio(*decode(path, FIX), model, hop, name=str(path))
+
+
+def predict_audio(mono: np.ndarray, rate: int, model, hop: float, name: str) -> dict:
+    """A decoded recording's windows through the model: its mean probabilities and each window's."""
     starts, cuts = zip(*windows(mono, rate, model.duration, hop))
     probabilities = model.predict_windows(list(cuts), rate)
-    return {"file": str(path), "seconds": round(len(mono) / rate, 3),
+    return {"file": name, "seconds": round(len(mono) / rate, 3),
             "probabilities": probabilities.mean(axis=0),
             "windows": [{"start": round(s, 3), "end": round(s + model.duration, 3), "probabilities": p}
                         for s, p in zip(starts, probabilities)]}

@@ -47,8 +47,10 @@ class ExportedModel:
         if meta.get("format") != FORMAT:
             raise EsclabError(f"{path} is in format {meta.get('format')!r}, this esclab reads {FORMAT}: export it "
                               "again with this version's esclab export")
-        self.path, self.meta = path, meta
-        self.classes, self.duration, self.inputs = meta["classes"], float(meta["duration"]), meta["inputs"]
+        self.path, self.inputs = path, meta["inputs"]
+        self.classes, self.duration = meta["classes"], float(meta["duration"])
+        self.preprocessing = {"representation": meta["representation"], "settings": meta["settings"]}
+        self.description = f"exported from {', '.join(meta['folds'])}"
 
     def predict_windows(self, windows: list[np.ndarray], rate: int) -> np.ndarray:
         rows = []
