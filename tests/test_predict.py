@@ -151,3 +151,39 @@ def test_bad_models_and_inputs_end_in_one_line(cnn4_run, tiny_data, tmp_path, se
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.startswith("esclab: error: ") and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_models_from_mlflow_a_registered_version_and_a_fold_run(cnn4_run, tiny_data):
+    """A finished cross-validation registers itself (tracking.register_as, here cnn4-synthetic); models:/ and runs:/
+    give what the workspace's folder gives."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{cnn4_run / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    (version,) = client.search_model_versions("name = 'cnn4-synthetic'")
+    clip = pd.read_csv(tiny_data["split"])["path"][11]
+
+    def answer(*args: str) -> dict:
+        result = predict(clip, "--json", "-k", "5", "--tracking-uri", uri, *args, cwd=cnn4_run)
+        assert result.returncode == 0, result.stderr
+        return {e["class"]: e["probability"] for e in json.loads(result.stdout)[0]["top"]}
+
+    folder = answer()
+    assert answer("--models", f"models:/cnn4-synthetic/{version.version}") == folder
+    assert answer("--models", "models:/cnn4-synthetic/latest") == folder
+    (fold_run,) = client.search_runs([client.get_run(version.run_id).info.experiment_id],
+                                     "tags.`esclab.fold` = '3'")
+    assert answer("--models", f"runs:/{fold_run.info.run_id}") == answer("--fold", "3")
+
+
+@pytest.mark.parametrize(("models", "message"), [
+    ("models:/no-such-model/1", "is not in the model registry at sqlite:///"),
+    ("models:/no-such-model/latest", "no registered model 'no-such-model' at sqlite:///"),
+    ("runs:/0123456789abcdef0123456789abcdef", "cannot read runs:/0123456789abcdef0123456789abcdef from MLflow"),
+])
+def test_unknown_mlflow_models_end_in_one_line(cnn4_run, tiny_data, models, message):
+    clip = pd.read_csv(tiny_data["split"])["path"][0]
+    result = predict(clip, "--models", models, "--tracking-uri", f"sqlite:///{cnn4_run / 'mlflow.db'}", cwd=cnn4_run)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.startswith("esclab: error: ") and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr

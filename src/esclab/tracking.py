@@ -249,3 +249,16 @@ class Tracker:
             mlflow.entities.Metric(k, float(v), timestamp=now, step=0) for k, v in scalars.items()])
         self.client.log_artifacts(self.parent_id, str(reports), artifact_path="reports")
         self.client.set_terminated(self.parent_id, "FINISHED")
+
+    def register(self, name: str) -> str:
+        """The finished cross-validation as a version of registered model `name` (made if new), once per parent run:
+        its fold models are the `checkpoint/` artifacts of its fold runs. The version number."""
+        existing = self.client.search_model_versions(f"name = '{name}' and run_id = '{self.parent_id}'")
+        if existing:
+            return str(existing[0].version)
+        if not self.client.search_registered_models(f"name = '{name}'"):
+            self.client.create_registered_model(name, description="esclab cross-validations: each version is one "
+                                                "run's fold models, averaged by esclab predict --models models:/...")
+        version = self.client.create_model_version(name, source=f"runs:/{self.parent_id}", run_id=self.parent_id,
+                                                   tags={KEY_TAG: self.key})
+        return str(version.version)

@@ -23,7 +23,8 @@ import soundfile as sf
 
 from esclab.data.audio import decode
 from esclab.errors import EsclabError
-from esclab.serving.predict import as_records, load_model, predict_audio
+from esclab.serving.predict import add_model_arguments, as_records, predict_audio
+from esclab.serving.sources import load_model
 
 PAGE = Path(__file__).with_name("page.html")
 UPLOAD_FIX = "send a WAV, FLAC or OGG file, or record one with the page's Record button"
@@ -138,10 +139,7 @@ def create_app(service: Service):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="esclab serve", description=__doc__.split("\n")[0])
-    parser.add_argument("--models", type=Path, default=Path("models"),
-                        help="folder of the cross-validation's fold_<k>.ckpt (default: the workspace's models/), "
-                             "or an exported model file (esclab export)")
-    parser.add_argument("--fold", type=int, help="use this fold's model only (default: all folds, averaged)")
+    add_model_arguments(parser)
     parser.add_argument("-k", "--top-k", type=int, default=2, help="classes shown per recording (default 2)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
                                                             "only; 0.0.0.0 for every network)")
@@ -161,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
-    model = load_model(args.models, args.fold)
+    model = load_model(args.models, args.fold, args.tracking_uri)
     service = Service(model, top_k=args.top_k, hop=args.hop or model.duration / 2,
                       max_bytes=round(args.max_upload_mb * 1e6), max_seconds=args.max_seconds)
     print(f"esclab serve: {len(model.classes)} classes, {model.description} ({args.models})", flush=True)

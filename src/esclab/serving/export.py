@@ -13,9 +13,10 @@ The graph is built from up to three parts joined with onnx.compose: the front en
 (torch, exported with torch.onnx), YAMNet's own quantised graph when the model uses
 it (made to take all of a window's patches at once), and the head (torch: the fold
 networks). Before anything is written the file is checked against the torch model,
-the path `esclab predict` takes, on test clips of the model's length; the int8 copy
-(onnxruntime's dynamic quantisation of the head's weights, the front end left in
-float) is written beside it with its largest difference from the float file.
+the path `esclab predict` takes, on test clips of the model's length. The int8 copy
+beside it has the networks' dense layers quantised by onnxruntime's dynamic
+quantisation (the front ends, the convolutions and YAMNet's already 8-bit graph as
+they were), and its largest difference from the float file is recorded.
 """
 
 import argparse
@@ -251,6 +252,10 @@ def export(models_dir: Path, out_dir: Path, fold: int | None = None, int8: bool 
     """Write `model.onnx` (and `model.int8.onnx`) and `export.json` into `out_dir`, all or nothing; the record."""
     ensemble = load_cross_validation(models_dir, fold)
     networks = require_networks(ensemble)
+    weights = sum(t.numel() * t.element_size() for network in networks for t in network.state_dict().values())
+    if weights >= 2**31 - 2**27:  # what ONNX keeps in one file, less room for the front end
+        raise EsclabError(f"the {len(networks)} fold networks' weights are {weights / 1e9:.1f} GB, over ONNX's 2 GB "
+                          "limit for one file: export one fold's model with --fold <k>")
     build = logmel_graph if ensemble.preprocessing["representation"] == "logmel" else embedding_graph
     model, rates = build(ensemble, networks)
     p = ensemble.preprocessing
@@ -300,13 +305,15 @@ def with_gemm_as_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def quantised(source: Path, target: Path, rates: list[int], preprocessing: dict) -> dict:
-    """The int8 copy: the networks' weights quantised (the front ends as they were, YAMNet's graph already is);
+    """The int8 copy: the networks' dense layers quantised (the front ends as they were, YAMNet's graph already is);
     its difference from the float file on the check clips."""
     import onnxruntime
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     model = with_gemm_as_matmul(onnx.load(str(source)))
-    layers = [n.name for n in model.graph.node if n.op_type in ("Conv", "MatMul") and is_network_weight(n.input[1])]
+    # Dense layers only: they hold most of the weights (cnn4's first one 110 M of its 111 M), and onnxruntime's
+    # int8 convolution (ConvInteger) ran aiSFX 4.9x slower than float here (471 vs 97 ms per clip, bench/predict.py).
+    layers = [n.name for n in model.graph.node if n.op_type == "MatMul" and is_network_weight(n.input[1])]
     onnx.save(model, str(target))
     quantize_dynamic(target, target, weight_type=QuantType.QInt8, nodes_to_quantize=layers)
     sessions = [onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])

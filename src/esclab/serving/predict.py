@@ -22,6 +22,7 @@ import soundfile as sf
 
 from esclab.data.audio import decode
 from esclab.errors import EsclabError
+from esclab.serving.sources import load_model
 
 AUDIO = tuple(f".{name.lower()}" for name in sf.available_formats()) + (".oga", ".opus", ".aif")
 FIX = "replace it or leave it out"
@@ -52,22 +53,6 @@ def windows(mono: np.ndarray, rate: int, duration: float, hop: float) -> list[tu
     length, size, step = len(mono), round(duration * rate), max(1, round(hop * rate))
     count = 1 + max(0, math.ceil((length - size) / step))
     return [(i * step / rate, mono[i * step:i * step + size]) for i in range(count)]
-
-
-def load_model(models: Path, fold: int | None = None):
-    """What `--models` names: a cross-validation's folder (its folds averaged, or `fold`'s model) or an exported
-    file (model.onnx, run by onnxruntime without torch). Either has `classes`, `duration` (seconds per window) and
-    `predict_windows(windows, rate) -> probabilities (windows x classes)`."""
-    if models.suffix == ".onnx":
-        from esclab.serving.runtime import ExportedModel
-
-        if fold is not None:
-            raise EsclabError(f"--fold picks a fold of a cross-validation's folder; {models} is an exported model, "
-                              "which holds the folds it was exported with: leave --fold out")
-        return ExportedModel(models)
-    from esclab.serving.models import load_cross_validation
-
-    return load_cross_validation(models, fold)
 
 
 def predict_file(path: Path, model, hop: float) -> dict:
@@ -119,13 +104,21 @@ def write_csv(records: list[dict], out) -> None:
                 writer.writerow([r["file"], window, start, end, rank, e["class"], e["probability"]])
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--models, --fold and --tracking-uri: which model (serving/sources.py), for predict and serve alike."""
+    parser.add_argument("--models", default="models",
+                        help="the cross-validation's folder of fold_<k>.ckpt (default: the workspace's models/), an "
+                             "exported file (esclab export), an MLflow run (runs:/<id>) or a registered model "
+                             "(models:/<name>/<version>, /latest or @<alias>)")
+    parser.add_argument("--fold", type=int, help="use this fold's model only (default: all folds, averaged)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI for runs:/ and models:/ (default: "
+                                               "$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="esclab predict", description=__doc__.split("\n")[0])
     parser.add_argument("inputs", nargs="+", help="audio files, folders (searched recursively) or globs")
-    parser.add_argument("--models", type=Path, default=Path("models"),
-                        help="folder of the cross-validation's fold_<k>.ckpt (default: the workspace's models/), "
-                             "or an exported model file (esclab export)")
-    parser.add_argument("--fold", type=int, help="use this fold's model only (default: all folds, averaged)")
+    add_model_arguments(parser)
     parser.add_argument("-k", "--top-k", type=int, default=2, help="classes shown per file and window (default 2)")
     parser.add_argument("--hop", type=float, help="seconds between windows of a long recording (default: half the "
                                                   "model's clip length)")
@@ -138,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.hop is not None and args.hop <= 0:
         parser.error("--hop must be a positive number of seconds")
 
-    model = load_model(args.models, args.fold)
+    model = load_model(args.models, args.fold, args.tracking_uri)
     hop = args.hop or model.duration / 2
     results, failed = [], 0
     for path in audio_inputs(args.inputs):

@@ -287,5 +287,8 @@ def evaluate(cfg: DictConfig, tracker: Tracker | None = None) -> dict:
         raise
     tracker.log_pooled(metrics, reports)
     log.info("cross-validation: accuracy %.4f +- %.4f", metrics["accuracy_mean"], metrics["accuracy_std"])
+    if cfg.tracking.register_as:
+        version = tracker.register(cfg.tracking.register_as)
+        log.info("registered: esclab predict --models models:/%s/%s", cfg.tracking.register_as, version)
     log.info("MLflow: %s", tracker.ui_url())
     return metrics
