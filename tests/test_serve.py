@@ -8,6 +8,8 @@ import re
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,7 @@ import pandas as pd
 import pytest
 import requests
 import soundfile as sf
-from conftest import ESCLAB, TINY, compose_config, split_and_features, tiny_overrides
+from conftest import ESCLAB, TINY, compose_config, esclab, split_and_features, tiny_overrides
 
 from esclab.data.synthetic import write_tree
 
@@ -38,13 +40,12 @@ def trained(tmp_path_factory) -> dict:
     return {"models": root / "models", "held_out": held_out}
 
 
-@pytest.fixture(scope="module")
-def server(trained, tmp_path_factory):
-    """`esclab serve` in its own process on a port the system picks; the address it prints."""
-    log = tmp_path_factory.mktemp("serve_log") / "serve.log"
+@contextmanager
+def serving(models: Path, log: Path) -> Iterator[str]:
+    """`esclab serve --models <models>` in its own process on a port the system picks; the address it prints."""
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     with open(log, "w") as out:
-        process = subprocess.Popen([*ESCLAB, "serve", "--models", str(trained["models"]), "--port", "0",
+        process = subprocess.Popen([*ESCLAB, "serve", "--models", str(models), "--port", "0",
                                     "--max-upload-mb", str(MAX_MB), "--max-seconds", str(MAX_SECONDS)],
                                    stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
@@ -58,6 +59,12 @@ def server(trained, tmp_path_factory):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(trained, tmp_path_factory):
+    with serving(trained["models"], tmp_path_factory.mktemp("serve_log") / "serve.log") as url:
+        yield url
 
 
 def wav_bytes(audio: np.ndarray, rate: int, subtype: str = "PCM_16") -> bytes:
@@ -88,12 +95,22 @@ def test_the_answer_is_esclab_predicts_and_can_carry_the_spectrogram(server, tra
     clip = trained["held_out"].iloc[3]
     response = post(server, Path(clip["path"]).read_bytes(), spectrogram="true")
     answer = response.json()
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    predicted = subprocess.run([*ESCLAB, "predict", clip["path"], "--models", str(trained["models"]), "--json"],
-                               capture_output=True, text=True, env=env)
+    predicted = esclab("predict", clip["path"], "--models", str(trained["models"]), "--json", cwd=trained["models"])
     (record,) = json.loads(predicted.stdout)
     assert answer["top"] == record["top"] and answer["windows"] == record["windows"] and answer["file"] == "upload"
     assert answer["spectrogram"].startswith("data:image/png;base64,")
+
+
+def test_an_exported_model_serves_the_same_answers(server, trained, tmp_path):
+    exported = esclab("export", "--models", str(trained["models"]), "--out", str(tmp_path / "exported"), cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr
+    clip = Path(trained["held_out"].iloc[5]["path"]).read_bytes()
+    with serving(tmp_path / "exported" / "model.onnx", tmp_path / "serve.log") as url:
+        ours = post(url, clip).json()
+    theirs = post(server, clip).json()
+    assert [e["class"] for e in ours["top"]] == [e["class"] for e in theirs["top"]]
+    assert [e["probability"] for e in ours["top"]] == pytest.approx([e["probability"] for e in theirs["top"]],
+                                                                    abs=1e-3)
 
 
 def bad_uploads() -> dict:
