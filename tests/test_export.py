@@ -114,18 +114,36 @@ def test_both_backbones_and_the_head_in_one_graph(combo_run, tiny_data):
         assert ours == pytest.approx(theirs, abs=1e-4)
 
 
+@pytest.fixture(scope="module")
+def logistic_run(tiny_data, tmp_path_factory) -> Path:
+    return embedding_run(tiny_data, tmp_path_factory.mktemp("export_logistic"), "features=yamnet",
+                         "experiment=yamnet_svm", "model=logistic")
+
+
+@pytest.mark.parametrize("head", ["svm", "logistic"])
+def test_scikit_learn_heads_are_exported_as_their_arithmetic(head, head_run, logistic_run, tiny_data):
+    """Pooling, standardising, the linear scores and softmax (logistic) or per-class Platt sigmoids (the SVM's
+    calibration), in the graph: the probabilities scikit-learn gives."""
+    run = head_run if head == "svm" else logistic_run
+    result = esclab("export", "--out", "exported", cwd=run)
+    assert result.returncode == 0, result.stderr
+    clips = pd.read_csv(tiny_data["split"])["path"][[2, 8, 21]].tolist()
+    torch_answer = probabilities(esclab("predict", *clips, "--json", "-k", "5", cwd=run))
+    onnx_answer = probabilities(esclab("predict", "--models", str(run / "exported/model.onnx"), *clips, "--json",
+                                       "-k", "5", cwd=run))
+    for ours, theirs in zip(onnx_answer, torch_answer):
+        assert ours == pytest.approx(theirs, abs=1e-4)
+
+
 @pytest.mark.parametrize(("setup", "message"), [
-    ("scikit-learn head", "is a scikit-learn head (model=logistic or svm): esclab export takes the networks"),
     ("no models", "no fold models (fold_<k>.ckpt) in"),
     ("damaged export", "cannot load exported model"),
     ("missing export", "not found: write one with esclab export"),
     ("fold of an export", "--fold picks a fold of a cross-validation's folder"),
 ])
-def test_bad_models_end_in_one_line(cnn4_export, head_run, tiny_data, tmp_path, setup, message):
+def test_bad_models_end_in_one_line(cnn4_export, tiny_data, tmp_path, setup, message):
     clip = pd.read_csv(tiny_data["split"])["path"][0]
-    if setup == "scikit-learn head":
-        result = esclab("export", "--out", str(tmp_path / "out"), cwd=head_run)
-    elif setup == "no models":
+    if setup == "no models":
         result = esclab("export", "--models", str(tmp_path), cwd=tmp_path)
     else:
         damaged = tmp_path / "model.onnx"

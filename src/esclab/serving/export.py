@@ -34,7 +34,7 @@ from esclab.data.embeddings import grid_indices
 from esclab.data.features import LogMel, LogMelSettings, fit
 from esclab.errors import EsclabError
 from esclab.models.backbones import aisfx, yamnet
-from esclab.serving.models import FoldEnsemble, load_cross_validation, require_networks
+from esclab.serving.models import FoldEnsemble, load_cross_validation
 
 FORMAT = "esclab-onnx/1"
 OPSET = 20  # YAMNet's graph's
@@ -130,6 +130,53 @@ class Head(nn.Module):
         rows = torch.cat([p[i] for p, i in zip(parts, self.grid)], dim=1)[None] if self.grid else parts[0]
         rows = rows.half().float()
         return torch.stack([network(rows) for network in self.networks]).mean(dim=0)[0]
+
+
+class LinearHead(nn.Module):
+    """A fitted scikit-learn head (models/heads.py: pool the windows, standardise, then logistic regression or the
+    calibrated linear SVM) as the same arithmetic in torch: rows (1, windows, dim) -> probabilities (1, classes),
+    with a zero for each class its training rows lacked, as `class_probabilities` gives them."""
+
+    def __init__(self, pipeline, n_classes: int, path: Path):
+        super().__init__()
+        pooling, scaler, classifier = (step for _, step in pipeline.steps)
+        self.how = pooling.func.keywords["how"]
+        if len(pipeline.classes_) < 3:
+            raise EsclabError(f"{path} is a scikit-learn head trained on {len(pipeline.classes_)} classes; esclab "
+                              "export takes heads of three or more: train model=ffn for this data")
+        if hasattr(classifier, "calibrated_classifiers_"):  # the SVM: one-against-rest margins, each Platt-scaled
+            (calibrated,) = classifier.calibrated_classifiers_
+            linear, calibrators = calibrated.estimator, calibrated.calibrators
+            platt = np.array([[c.a_, c.b_] for c in calibrators], dtype=np.float32).T
+        else:
+            linear, platt = classifier, None
+        self.platt = None if platt is None else torch.from_numpy(platt)
+        self.mean = torch.tensor(scaler.mean_, dtype=torch.float32)
+        self.scale = torch.tensor(scaler.scale_, dtype=torch.float32)
+        self.weight = torch.tensor(linear.coef_.T, dtype=torch.float32)
+        self.bias = torch.tensor(linear.intercept_, dtype=torch.float32)
+        spread = np.zeros((len(pipeline.classes_), n_classes), dtype=np.float32)
+        spread[np.arange(len(pipeline.classes_)), pipeline.classes_] = 1
+        self.spread = torch.from_numpy(spread)
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        windows = rows[0]
+        pooled = {"mean": lambda: windows.mean(dim=0), "max": lambda: windows.amax(dim=0),
+                  "both": lambda: torch.cat([windows.mean(dim=0), windows.amax(dim=0)])}[self.how]()
+        scores = ((pooled - self.mean) / self.scale) @ self.weight + self.bias
+        if self.platt is None:
+            probabilities = torch.softmax(scores, dim=0)
+        else:
+            probabilities = torch.sigmoid(-(self.platt[0] * scores + self.platt[1]))
+        full = probabilities @ self.spread
+        return (full / full.sum())[None]
+
+
+def networks_of(ensemble: FoldEnsemble) -> list[nn.Module]:
+    """Each fold model as a torch module, raw rows (1, ...) -> probabilities (1, classes)."""
+    n_classes = len(ensemble.classes)
+    return [model.network if model.network is not None else LinearHead(model.pipeline, n_classes, model.path)
+            for model in ensemble.models]
 
 
 def to_onnx(module: nn.Module, example: tuple[torch.Tensor, ...], inputs: list[str], outputs: list[str]
@@ -251,7 +298,7 @@ def verified(model_bytes: bytes, ensemble: FoldEnsemble, rates: list[int]) -> fl
 def export(models_dir: Path, out_dir: Path, fold: int | None = None, int8: bool = True) -> dict:
     """Write `model.onnx` (and `model.int8.onnx`) and `export.json` into `out_dir`, all or nothing; the record."""
     ensemble = load_cross_validation(models_dir, fold)
-    networks = require_networks(ensemble)
+    networks = networks_of(ensemble)
     weights = sum(t.numel() * t.element_size() for network in networks for t in network.state_dict().values())
     if weights >= 2**31 - 2**27:  # what ONNX keeps in one file, less room for the front end
         raise EsclabError(f"the {len(networks)} fold networks' weights are {weights / 1e9:.1f} GB, over ONNX's 2 GB "
@@ -277,9 +324,9 @@ def export(models_dir: Path, out_dir: Path, fold: int | None = None, int8: bool 
 
 
 def is_network_weight(name: str) -> bool:
-    """A trained network's weight (`networks.<k>.network.*` of the head, `parts.<k>.network.*` of aiSFX), unlike the
-    front ends' fixed transforms (DFT, mel filters), which make the features and stay in float."""
-    return ".network." in name
+    """A trained model's weight (the head's `networks.<k>.*`, aiSFX's `parts.<k>.network.*`), unlike the front ends'
+    fixed transforms (DFT, mel filters), which make the features and stay in float."""
+    return "networks." in name or ".network." in name
 
 
 def with_gemm_as_matmul(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -25,7 +25,8 @@ class FoldModel:
     path: Path
     preprocessing: dict
     predict: object  # rows (np.ndarray) -> probabilities (np.ndarray)
-    network: torch.nn.Module | None = None  # the same as a torch module (rows -> probabilities); None for a head
+    network: torch.nn.Module | None = None  # a network's torch module (rows -> probabilities)
+    pipeline: object = None  # a scikit-learn head's fitted pipeline
 
 
 def load_fold(path: Path) -> FoldModel:
@@ -71,7 +72,7 @@ def load_head(path: Path) -> FoldModel:
     def predict(rows: np.ndarray) -> np.ndarray:
         return class_probabilities(pipeline, rows, len(preprocessing["classes"]))
 
-    return FoldModel(path, preprocessing, predict)
+    return FoldModel(path, preprocessing, predict, pipeline=pipeline)
 
 
 class FoldEnsemble:
@@ -99,15 +100,6 @@ class FoldEnsemble:
     def predict_windows(self, windows: list[np.ndarray], rate: int) -> np.ndarray:
         """Windows of a recording (mono, any rate) -> class probabilities (windows x classes)."""
         return self.predict(np.stack([self.frontend.rows(window, rate) for window in windows]))
-
-
-def require_networks(ensemble: FoldEnsemble) -> list[torch.nn.Module]:
-    """The fold models as torch modules, or one line saying which model is a scikit-learn head."""
-    for model in ensemble.models:
-        if model.network is None:
-            raise EsclabError(f"{model.path} is a scikit-learn head (model=logistic or svm): esclab export takes "
-                              "the networks (cnn4, ffn); train one with model=ffn, or use esclab predict")
-    return [model.network for model in ensemble.models]
 
 
 def load_cross_validation(models_dir: Path, fold: int | None = None) -> FoldEnsemble:
