@@ -132,3 +132,13 @@ def test_split_stage_prints_one_line_for_a_bad_tree(tree, tmp_path):
     unset = esclab("download", "dataset=folder", cwd=tmp_path)
     assert unset.returncode == 1, unset.stderr
     assert unset.stderr.startswith("esclab: error: dataset.source_dir must be set"), unset.stderr
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"classes": {"a": 3, "b": 0}}, r"dataset.synthetic.classes must map at most 50 class names to positive"),
+    ({"duration": [2.0, 1.0]}, r"dataset.synthetic.duration must be \[shortest, longest\] seconds"),
+])
+def test_synthetic_tree_refuses_settings_it_cannot_make(settings, message, tmp_path):
+    with pytest.raises(EsclabError, match=message):
+        write_folder_tree(tmp_path / "tree", **settings)
+    assert not (tmp_path / "tree").exists()
