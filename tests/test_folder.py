@@ -93,7 +93,7 @@ def bad_tree(tree: Path, case: str) -> tuple[Path, dict]:
             extra.unlink()
     settings = {"too few sources": {"group_pattern": GROUPS, "n_folds": 6}, "unmatched names": {"group_pattern": "^x"},
                 "bad pattern": {"group_pattern": "(unclosed"}, "class count": {"n_classes": 4},
-                "bad_files value": {"bad_files": "ignore"}}
+                "bad_files value": {"bad_files": "ignore"}, "one fold": {"n_folds": 1}}
     return tree, settings.get(case, {})
 
 
@@ -107,6 +107,7 @@ BAD_TREES = {
     "bad pattern": r"group_pattern='\(unclosed' is not a regular expression",
     "class count": r"has 3 class folders \(crying, normal, screaming\), expected 4 \(dataset.n_classes\)",
     "bad_files value": r"dataset.folder.bad_files must be one of refuse, skip; got 'ignore'",
+    "one fold": r"dataset.n_folds=1: a cross-validation needs at least 2 folds",
 }
 
 

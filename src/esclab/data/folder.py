@@ -107,6 +107,8 @@ def sources(filenames: pd.Series, group_pattern: str | None) -> pd.Series:
 
 def assign_folds(table: pd.DataFrame, *, n_folds: int, seed: int, grouped: bool) -> np.ndarray:
     """Fold numbers 1..n_folds: stratified by class, and grouped by src_file if `grouped`."""
+    if n_folds < 2:
+        raise EsclabError(f"dataset.n_folds={n_folds}: a cross-validation needs at least 2 folds; set it to 5")
     what = "source recordings (dataset.folder.group_pattern)" if grouped else "files"
     per_class = table.groupby("category")["src_file"].nunique() if grouped else table.groupby("category").size()
     few = per_class[per_class < n_folds]
