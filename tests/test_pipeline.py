@@ -229,3 +229,36 @@ def test_demo_reproduces_readme_then_nothing_to_do_a_restored_fold_and_experimen
     assert stages_run(second) == {"features", *(f"train@{k}" for k in range(1, 6)), "evaluate"}, second.stdout
     assert np.load(repo / "data/features/synthetic/embedding.npy", mmap_mode="r").shape == (25, 1, 512)
     assert len(json.loads((repo / "reports/metrics.json").read_text())["fold_accuracy"]) == 5
+
+
+@pytest.mark.slow
+def test_repro_on_a_folder_per_class_with_grouped_folds_then_train_py(tmp_path):
+    """dataset=synthetic_folder through the real `dvc repro`: the tree generated and copied, grouped 3-fold split (a
+    fold count other than ESC-50's five, so three train stages), features of files of every length, rate and format,
+    pooled metrics; then `python train.py dataset=synthetic_folder` reads the same features."""
+    repo = git_dvc_repo(tmp_path / "repo")
+    small = [*SMALL_FEATURES, "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "train.batch_size=8",
+             "lr=1e-3", "tracking.log_model=false"]
+    write_params(repo, "dataset=synthetic_folder", "dataset.n_folds=3", *small)
+
+    first = run(repo, "dvc", "repro")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert stages_run(first) == {"download", "split", "features", "train@1", "train@2", "train@3", "evaluate"}
+    table = pd.read_csv(repo / "data/splits/synthetic_folder.csv")
+    assert len(table) == 78 and sorted(table["fold"].unique()) == [1, 2, 3]
+    assert table.groupby("src_file")["fold"].nunique().max() == 1, "a source recording spans two folds"
+    metrics = json.loads((repo / "reports/metrics.json").read_text())
+    assert sorted(metrics["fold_accuracy"]) == ["1", "2", "3"] and 0 <= metrics["accuracy_mean"] <= 1
+    per_class = pd.read_csv(repo / "reports/per_class.csv")
+    assert list(per_class["class"]) == ["crying", "normal", "screaming"]  # class names from the folder names
+    predictions = pd.concat(pd.read_csv(repo / f"reports/folds/{k}/predictions.csv") for k in (1, 2, 3))
+    assert sorted(predictions["filename"]) == sorted(table["filename"])  # every file tested once, in its own fold
+
+    again = run(repo, "dvc", "repro")
+    assert again.returncode == 0 and "Running stage" not in again.stdout, again.stdout
+
+    out = tmp_path / "adhoc"
+    adhoc = run(repo, sys.executable, "train.py", "dataset=synthetic_folder", "dataset.n_folds=3", "fold=2", *small,
+                f"paths.models={out / 'models'}", f"paths.reports={out / 'reports'}")
+    assert adhoc.returncode == 0, adhoc.stdout[-3000:] + adhoc.stderr[-3000:]
+    assert len(pd.read_csv(out / "reports/folds/2/predictions.csv")) == (table["fold"] == 2).sum()

@@ -23,22 +23,33 @@ CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 def download(cfg: DictConfig) -> None:
     from esclab.data import download as dl
-    from esclab.data.synthetic import write_archive
+    from esclab.data.folder import check_root
+    from esclab.data.synthetic import write_archive, write_folder_tree
 
     ds = cfg.dataset
-    archive = ds.archive
-    if ds.synthetic is not None and not (ds.archive or ds.source_dir or ds.url):
+    archive, source_dir = ds.archive, ds.source_dir
+    generate = ds.synthetic is not None and not (ds.archive or ds.source_dir or ds.url)
+    if generate and ds.folder is not None:
+        source_dir = write_folder_tree(Path(cfg.paths.downloads) / ds.name, **ds.synthetic)
+    elif generate:
         archive = write_archive(Path(cfg.paths.downloads) / f"{ds.name}.zip", n_folds=ds.n_folds, **ds.synthetic)
+    if ds.folder is not None:
+        check_root(Path(source_dir))
     dl.prepare_raw(Path(cfg.paths.raw), downloads=Path(cfg.paths.downloads), url=ds.url, archive=archive,
-                   source_dir=ds.source_dir, sha256=ds.sha256, size=ds.size, **cfg.download)
+                   source_dir=source_dir, sha256=ds.sha256, size=ds.size, **cfg.download)
 
 
 def split(cfg: DictConfig) -> None:
+    from esclab.data.folder import write_folder_split
     from esclab.data.split import write_split
 
     ds = cfg.dataset
-    write_split(Path(cfg.paths.raw), Path(cfg.paths.split), n_classes=ds.n_classes, n_folds=ds.n_folds,
-                esc10_only=ds.esc10_only)
+    if ds.folder is not None:
+        write_folder_split(Path(cfg.paths.raw), Path(cfg.paths.split), n_folds=ds.n_folds, n_classes=ds.n_classes,
+                           **ds.folder)
+    else:
+        write_split(Path(cfg.paths.raw), Path(cfg.paths.split), n_classes=ds.n_classes, n_folds=ds.n_folds,
+                    esc10_only=ds.esc10_only)
 
 
 def features(cfg: DictConfig) -> None:

@@ -44,7 +44,7 @@ RULES: dict[str, Rule] = {
     "seed": COUNT,
     "lr": POSITIVE,
     "fold": Rule(int, nullable=True),
-    "dataset.n_classes": POSITIVE_INT,
+    "dataset.n_classes": Rule(int, nullable=True),  # null: dataset=folder takes its class folders as they are
     "dataset.n_folds": POSITIVE_INT,
     "features.sample_rate": POSITIVE_INT,
     "features.duration": POSITIVE,
@@ -74,7 +74,12 @@ _MISSING = object()
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Raise EsclabError for the first value that breaks its rule (keys absent from `cfg` are skipped)."""
+    """Raise EsclabError for a value the user must supply (`???`) and for the first value that breaks its rule
+    (keys absent from `cfg` are skipped)."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise EsclabError(f"{', '.join(missing)} must be set (??? in conf/): pass it on the command line, e.g. "
+                          f"{missing[0]}=..., or run `python -m esclab.params ... {missing[0]}=...` for dvc repro")
     for key, rule in RULES.items():
         value = OmegaConf.select(cfg, key, default=_MISSING)
         if value is not _MISSING and not rule.accepts(value):

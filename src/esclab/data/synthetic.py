@@ -226,3 +226,94 @@ def write_archive(path: Path, **settings) -> Path:
             info.external_attr = (0o40755 << 16) | 0x10 if data is None else 0o100644 << 16
             archive.writestr(info, data or b"")
     return path
+
+
+# A folder per class: the shape of a practitioner's own recordings (seeds 000/001: crying / screaming / normal).
+FOLDER_CLASSES = {"crying": 10, "screaming": 18, "normal": 50}  # files per class: imbalanced, as theirs are
+FOLDER_FORMATS = (("wav", "WAV", "PCM_16"), ("wav", "WAV", "PCM_24"), ("flac", "FLAC", "PCM_16"),
+                  ("ogg", "OGG", "VORBIS"))  # (extension, soundfile format, subtype)
+FOLDER_RATES = (8000, 16000, 22050, 44100)
+
+
+@dataclass(frozen=True)
+class FolderSettings:
+    """dataset.synthetic for dataset=synthetic_folder: what to generate."""
+
+    classes: dict[str, int] | None = None  # class name -> number of files; None: FOLDER_CLASSES
+    duration: tuple[float, float] = (0.5, 4.0)  # each file's length in seconds is drawn from this
+    seed: int = 0
+
+    def __post_init__(self):
+        s = "dataset.synthetic"
+        classes = dict(self.classes or FOLDER_CLASSES)  # a DictConfig from the config
+        if len(classes) > len(CATEGORIES) or any(not isinstance(n, int) or n < 1 for n in classes.values()):
+            raise EsclabError(f"{s}.classes must map at most 50 class names to positive file counts, got {classes}")
+        low, high = (float(x) for x in self.duration)
+        if not 0 < low <= high:
+            raise EsclabError(f"{s}.duration must be [shortest, longest] seconds with 0 < shortest <= longest, "
+                              f"got {list(self.duration)}")
+        object.__setattr__(self, "classes", classes)
+        object.__setattr__(self, "duration", (low, high))
+
+
+def _ogg_crc(page: bytes) -> int:
+    """Ogg's page checksum: CRC-32, polynomial 0x04C11DB7, not reflected, starting at 0."""
+    crc = 0
+    for byte in page:
+        crc ^= byte << 24
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x04C11DB7 if crc & 0x80000000 else crc << 1) & 0xFFFFFFFF
+    return crc
+
+
+def _fixed_ogg_serial(data: bytes) -> bytes:
+    """libsndfile gives each Ogg stream a random serial number; a fixed one keeps the file the same byte for byte."""
+    out, at = bytearray(data), 0
+    while at < len(out):
+        n_segments = out[at + 26]
+        size = 27 + n_segments + sum(out[at + 27:at + 27 + n_segments])
+        out[at + 14:at + 18] = (1).to_bytes(4, "little")
+        out[at + 22:at + 26] = bytes(4)
+        out[at + 22:at + 26] = _ogg_crc(bytes(out[at:at + size])).to_bytes(4, "little")
+        at += size
+    return bytes(out)
+
+
+def _folder_members(settings: FolderSettings) -> Iterator[tuple[str, bytes]]:
+    """(path under the root, bytes) of every file: `<class>/[session_2/]<source>_<take>.<ext>`.
+
+    A source recording gives 1-3 takes, all of its class, which share pitch and background the way
+    real takes do (so a grouped split matters); the second half of a class's sources sit one folder
+    deeper. Each file has its own length, rate, channel count and format.
+    """
+    rng = np.random.default_rng(settings.seed)
+    for target, (name, count) in enumerate(settings.classes.items()):
+        left, source = count, 0
+        while left:
+            takes = min(left, int(rng.integers(1, 4)))
+            left -= takes
+            source += 1
+            shared = dict(detune=rng.uniform(0.97, 1.03), snr_db=rng.uniform(10, 30), tint=rng.uniform(0.5, 1.5))
+            folder = f"{name}/session_2/" if left < count / 2 else f"{name}/"
+            for take in range(1, takes + 1):
+                clip = _Clip(1, source, str(take), target, **shared)
+                extension, fmt, subtype = FOLDER_FORMATS[int(rng.integers(len(FOLDER_FORMATS)))]
+                sr = FOLDER_RATES[int(rng.integers(len(FOLDER_RATES)))]
+                n = max(1, round(rng.uniform(*settings.duration) * sr))
+                audio = _render(clip, rng, n, sr, 1.0).astype(np.float32) / 32768
+                if rng.random() < 0.3:  # a stereo recorder: the right channel a little quieter
+                    audio = np.stack([audio, 0.8 * audio], axis=1)
+                buffer = io.BytesIO()
+                sf.write(buffer, audio, sr, format=fmt, subtype=subtype)
+                data = _fixed_ogg_serial(buffer.getvalue()) if fmt == "OGG" else buffer.getvalue()
+                yield f"{folder}{name}{source:03d}_{take}.{extension}", data
+
+
+def write_folder_tree(root: Path, **settings) -> Path:
+    """Write a folder-per-class tree into `root` (replaced whole): `settings` are FolderSettings' fields."""
+    members = _folder_members(FolderSettings(**settings))
+    with atomic_dir(Path(root)) as tmp:
+        for rel, data in members:
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / rel).write_bytes(data)
+    return Path(root)

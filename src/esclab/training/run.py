@@ -28,6 +28,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
 from sklearn.metrics import log_loss
 
+import esclab.resolvers  # noqa: F401  (a fold in a spawned process resolves dataset.folds without Hydra)
 from esclab.atomic import atomic_file
 from esclab.data.representations import cache_settings, check_learner, representation
 from esclab.errors import EsclabError
