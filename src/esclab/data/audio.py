@@ -27,6 +27,13 @@ def decode(source: str | Path | BinaryIO, fix: str = "replace the file, or remov
     return mono, rate
 
 
+def pad_or_trim(mono: np.ndarray, n_samples: int) -> np.ndarray:
+    """`mono` zero-padded or trimmed to `n_samples`, float32."""
+    clip = np.zeros(n_samples, dtype=np.float32)
+    clip[:min(n_samples, len(mono))] = mono[:n_samples]
+    return clip
+
+
 def resample(mono: np.ndarray, rate: int, target: int) -> np.ndarray:
     """`mono` from `rate` to `target` Hz with the filter torchaudio.functional.resample uses by default (training's
     resampler), in numpy, for the devices that run exported models without torch (tests/test_export.py checks the two

@@ -24,7 +24,7 @@ import torchaudio
 from tqdm import tqdm
 
 from esclab.atomic import atomic_dir
-from esclab.data.audio import decode
+from esclab.data.audio import decode, pad_or_trim
 from esclab.errors import EsclabError
 
 log = logging.getLogger(__name__)
@@ -114,9 +114,7 @@ def fit(mono: np.ndarray, rate: int, *, sample_rate: int, n_samples: int) -> np.
     """Resample a mono waveform to `sample_rate`, then zero-pad or trim it to `n_samples`."""
     if rate != sample_rate:
         mono = torchaudio.functional.resample(torch.from_numpy(mono), rate, sample_rate).numpy()
-    clip = np.zeros(n_samples, dtype=np.float32)
-    clip[: min(n_samples, len(mono))] = mono[:n_samples]
-    return clip
+    return pad_or_trim(mono, n_samples)
 
 
 def load_clip(path: str | Path, *, sample_rate: int, n_samples: int) -> np.ndarray:

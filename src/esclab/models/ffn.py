@@ -39,7 +39,10 @@ class FFN(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        windows = x.squeeze(1)
-        pooled = {"mean": lambda: windows.mean(dim=1), "max": lambda: windows.amax(dim=1),
-                  "both": lambda: torch.cat([windows.mean(dim=1), windows.amax(dim=1)], dim=1)}[self.pooling]()
-        return self.net(pooled)
+        return self.net(pool_windows(x.squeeze(1), self.pooling))
+
+
+def pool_windows(windows: torch.Tensor, how: str) -> torch.Tensor:
+    """(batch, windows, dim) -> (batch, dim), or (batch, 2 dim) for `both`: heads.pool's arithmetic in torch."""
+    return {"mean": lambda: windows.mean(dim=1), "max": lambda: windows.amax(dim=1),
+            "both": lambda: torch.cat([windows.mean(dim=1), windows.amax(dim=1)], dim=1)}[how]()

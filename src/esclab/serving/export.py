@@ -34,9 +34,10 @@ from esclab.data.embeddings import grid_indices
 from esclab.data.features import LogMel, LogMelSettings, fit
 from esclab.errors import EsclabError
 from esclab.models.backbones import aisfx, yamnet
+from esclab.models.ffn import pool_windows
 from esclab.serving.models import FoldEnsemble, load_cross_validation
+from esclab.serving.runtime import FORMAT
 
-FORMAT = "esclab-onnx/1"
 OPSET = 20  # YAMNet's graph's
 TOLERANCE = 1e-3  # the largest |ONNX - torch| class probability the float file may show on the check clips
 
@@ -160,9 +161,7 @@ class LinearHead(nn.Module):
         self.spread = torch.from_numpy(spread)
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        windows = rows[0]
-        pooled = {"mean": lambda: windows.mean(dim=0), "max": lambda: windows.amax(dim=0),
-                  "both": lambda: torch.cat([windows.mean(dim=0), windows.amax(dim=0)])}[self.how]()
+        pooled = pool_windows(rows, self.how)[0]
         scores = ((pooled - self.mean) / self.scale) @ self.weight + self.bias
         if self.platt is None:
             probabilities = torch.softmax(scores, dim=0)
@@ -212,7 +211,8 @@ def yamnet_body(backbone: yamnet.YamNet, n_patches: int) -> onnx.ModelProto:
     shape.CopyFrom(onnx.numpy_helper.from_array(np.array([n_patches, -1], dtype=np.int64), shape.name))
     graph.node.append(onnx.helper.make_node("Identity", [yamnet.EMBEDDING], ["yamnet"]))
     del graph.output[:]
-    graph.output.append(onnx.helper.make_tensor_value_info("yamnet", onnx.TensorProto.FLOAT, [n_patches, 1024]))
+    graph.output.append(onnx.helper.make_tensor_value_info("yamnet", onnx.TensorProto.FLOAT,
+                                                                 [n_patches, yamnet.EMBEDDING_DIM]))
     needed, kept = {"yamnet"}, []
     for node in reversed(graph.node):  # the graph is in topological order: keep what the new output needs
         if needed & set(node.output):
@@ -275,6 +275,11 @@ def check_clips(rate: int, n_samples: int, seed: int = 0) -> list[np.ndarray]:
     return [clip.astype(np.float32) for clip in clips]
 
 
+def graph_inputs(clip: np.ndarray, rates: list[int], duration: float) -> dict[str, np.ndarray]:
+    """A check clip (at rates[0]) as the graph's inputs, resampled to each rate as the torch path resamples it."""
+    return {input_name(r): fit(clip, rates[0], sample_rate=r, n_samples=round(duration * r)) for r in rates}
+
+
 def onnx_probabilities(session, windows: dict[str, np.ndarray]) -> np.ndarray:
     return session.run(["probabilities"], windows)[0]
 
@@ -287,8 +292,8 @@ def verified(model_bytes: bytes, ensemble: FoldEnsemble, rates: list[int]) -> fl
     duration, worst = ensemble.duration, 0.0
     for clip in check_clips(rates[0], round(duration * rates[0])):
         expected = ensemble.predict_windows([clip], rates[0])[0]
-        windows = {input_name(r): fit(clip, rates[0], sample_rate=r, n_samples=round(duration * r)) for r in rates}
-        worst = max(worst, float(np.abs(onnx_probabilities(session, windows) - expected).max()))
+        worst = max(worst, float(np.abs(onnx_probabilities(session, graph_inputs(clip, rates, duration))
+                                        - expected).max()))
     if worst > TOLERANCE:
         raise EsclabError(f"the exported graph's probabilities differ from the torch model's by {worst:.2g} "
                           f"(> {TOLERANCE}): this is a bug in esclab export, please report it")
@@ -367,7 +372,7 @@ def quantised(source: Path, target: Path, rates: list[int], preprocessing: dict)
                 for path in (source, target)]
     duration, worst, agree, clips = float(preprocessing["settings"]["duration"]), 0.0, 0, 0
     for clip in check_clips(rates[0], round(duration * rates[0]), seed=1):
-        windows = {input_name(r): fit(clip, rates[0], sample_rate=r, n_samples=round(duration * r)) for r in rates}
+        windows = graph_inputs(clip, rates, duration)
         full, small = (onnx_probabilities(s, windows) for s in sessions)
         worst = max(worst, float(np.abs(full - small).max()))
         agree, clips = agree + int(full.argmax() == small.argmax()), clips + 1

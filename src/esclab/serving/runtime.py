@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from esclab.data.audio import resample
+from esclab.data.audio import pad_or_trim, resample
 from esclab.errors import EsclabError
 
 FORMAT = "esclab-onnx/1"
@@ -21,10 +21,7 @@ FORMAT = "esclab-onnx/1"
 def fitted(mono: np.ndarray, rate: int, sample_rate: int, n_samples: int) -> np.ndarray:
     """`mono` at `sample_rate`, zero-padded or trimmed to `n_samples`, float32: data/features.py's `fit` without
     torch."""
-    mono = resample(mono, rate, sample_rate)
-    clip = np.zeros(n_samples, dtype=np.float32)
-    clip[:min(n_samples, len(mono))] = mono[:n_samples]
-    return clip
+    return pad_or_trim(resample(mono, rate, sample_rate), n_samples)
 
 
 class ExportedModel:
