@@ -68,7 +68,7 @@ def evaluate(run, reports=None, top_k=2):
 
 def metrics_of(run, top_k=2):
     """The metrics alone: pooled_metrics on the loaded folds, without the slower plots."""
-    return pooled_metrics(load_predictions(run / "reports" / "folds", 5), NAMES, top_k)[0]
+    return pooled_metrics(load_predictions(run / "reports" / "folds", range(1, 6)), NAMES, top_k)[0]
 
 
 def test_fold_mean_std_and_pooled_accuracy(run):
@@ -198,7 +198,7 @@ def test_bad_probabilities_are_refused(run, damage):
     table.loc[2, "prob_1"] = table.loc[2, "prob_1"] + 0.3 if damage == "not_summing" else np.nan
     table.to_csv(path, index=False)
     with pytest.raises(EsclabError, match=r"folds/4/predictions.csv"):
-        load_predictions(run / "reports" / "folds", 5)
+        load_predictions(run / "reports" / "folds", range(1, 6))
     with pytest.raises(EsclabError, match="sum to 1" if damage == "not_summing" else "NaN"):
         evaluate(run)
     assert not (run / "reports" / "metrics.json").exists()

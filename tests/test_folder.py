@@ -143,3 +143,38 @@ def test_synthetic_tree_refuses_settings_it_cannot_make(settings, message, tmp_p
     with pytest.raises(EsclabError, match=message):
         write_folder_tree(tmp_path / "tree", **settings)
     assert not (tmp_path / "tree").exists()
+
+
+def test_holdout_split_gives_each_class_its_shares_whole_sources_at_a_time(tree, tmp_path):
+    table = write_folder_split(tree, tmp_path / "split.csv", n_folds=5, group_pattern=GROUPS, split="holdout")
+    assert sorted(table["filename"]) == audio_files(tree)
+    parts = pd.crosstab(table["category"], table["fold"])  # folds 1 test, 2 validation, 3 training
+    assert list(parts.columns) == [1, 2, 3] and (parts > 0).all().all()
+    shares = parts.div(parts.sum(axis=1), axis=0)
+    assert shares[3].between(0.5, 0.9).all() and shares[1].between(0.05, 0.35).all()
+    assert table.groupby("src_file")["fold"].nunique().max() == 1, "a source recording spans two parts"
+    normal = parts.loc["normal"]  # 50 files: the test and validation parts hold close to 15 % each
+    assert 6 <= normal[1] <= 10 and 6 <= normal[2] <= 10
+    again = make_folder_table(tree, n_folds=5, group_pattern=GROUPS, split="holdout")
+    assert table.equals(again)
+    other = make_folder_table(tree, n_folds=5, group_pattern=GROUPS, split="holdout", seed=1)
+    assert not table["fold"].equals(other.set_index("filename").loc[table["filename"], "fold"].reset_index(drop=True))
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"split": "random"}, "dataset.folder.split must be one of kfold, holdout; got 'random'"),
+    ({"split": "holdout", "holdout": [0.8, 0.15, 0.15]}, r"dataset.folder.holdout=\[0.8, 0.15, 0.15\] must be three "
+                                                         "positive shares"),
+    ({"split": "holdout", "holdout": [0.7, 0.3]}, "must be three positive shares"),
+])
+def test_bad_holdout_settings_are_named(tree, settings, message):
+    with pytest.raises(EsclabError, match=message):
+        make_folder_table(tree, n_folds=5, **settings)
+
+
+def test_holdout_refuses_a_class_with_too_few_sources_for_three_parts(tree):
+    for extra in sorted((tree / "crying").rglob("*.*"))[2:]:
+        extra.unlink()
+    with pytest.raises(EsclabError, match="class crying has 2 source recording.*too few for a training, validation "
+                                          "and test part.*dataset.folder.split=kfold"):
+        make_folder_table(tree, n_folds=2, split="holdout")

@@ -235,7 +235,8 @@ def test_demo_reproduces_readme_then_nothing_to_do_a_restored_fold_and_experimen
 def test_repro_on_a_folder_per_class_with_grouped_folds_then_train_py(tmp_path):
     """dataset=synthetic_folder through the real `dvc repro`: the tree generated and copied, grouped 3-fold split (a
     fold count other than ESC-50's five, so three train stages), features of files of every length, rate and format,
-    pooled metrics; then `python train.py dataset=synthetic_folder` reads the same features."""
+    pooled metrics; then `python train.py dataset=synthetic_folder` reads the same features; then the holdout split
+    through both."""
     repo = git_dvc_repo(tmp_path / "repo")
     small = [*SMALL_FEATURES, "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "train.batch_size=8",
              "lr=1e-3", "tracking.log_model=false"]
@@ -262,3 +263,21 @@ def test_repro_on_a_folder_per_class_with_grouped_folds_then_train_py(tmp_path):
                 f"paths.models={out / 'models'}", f"paths.reports={out / 'reports'}")
     assert adhoc.returncode == 0, adhoc.stdout[-3000:] + adhoc.stderr[-3000:]
     assert len(pd.read_csv(out / "reports/folds/2/predictions.csv")) == (table["fold"] == 2).sum()
+
+    # The seeds' 70/15/15 holdout: one test part, so one train stage, validated on the validation part.
+    holdout = ["dataset=synthetic_folder", "dataset.folder.split=holdout", *small]
+    write_params(repo, *holdout)
+    split = run(repo, "dvc", "repro")
+    assert split.returncode == 0, split.stdout[-3000:] + split.stderr[-3000:]
+    assert stages_run(split) == {"split", "features", "train@1", "evaluate"}
+    parts = pd.read_csv(repo / "data/splits/synthetic_folder.csv")
+    assert sorted(parts["fold"].unique()) == [1, 2, 3] and parts.groupby("src_file")["fold"].nunique().max() == 1
+    metrics = json.loads((repo / "reports/metrics.json").read_text())
+    assert list(metrics["fold_accuracy"]) == ["1"] and metrics["n_clips"] == (parts["fold"] == 1).sum()
+    assert 0 <= metrics["balanced_accuracy"] <= 1
+    out = tmp_path / "holdout"
+    adhoc = run(repo, sys.executable, "train.py", *holdout, f"paths.models={out / 'models'}",
+                f"paths.reports={out / 'reports'}")
+    assert adhoc.returncode == 0, adhoc.stdout[-3000:] + adhoc.stderr[-3000:]
+    assert json.loads((out / "reports/metrics.json").read_text())["n_clips"] == metrics["n_clips"]
+    assert not (out / "reports/folds/2").exists()  # the validation part is never a test fold

@@ -4,7 +4,9 @@
 names, label = index), every file below it, at any depth, one of its clips, in any
 format soundfile reads. Without predefined folds, the folds are a seeded stratified
 K-fold; with a `group_pattern` naming each file's source recording, a grouped one,
-so the takes of one recording never sit on both sides of a test fold. The table has
+so the takes of one recording never sit on both sides of a test fold. The seeds'
+70 / 15 / 15 training / validation / test split is the other choice (`split:
+holdout`), written as three folds (resolvers.HOLDOUT_FOLDS) and grouped the same way. The table has
 the columns the later stages read from ESC-50's (path, filename, label, category,
 fold, src_file), so features, training and evaluation run unchanged.
 
@@ -25,11 +27,13 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from esclab.atomic import atomic_file
 from esclab.errors import EsclabError
+from esclab.resolvers import HOLDOUT_FOLDS
 
 log = logging.getLogger(__name__)
 
 TABLE_COLUMNS = ["path", "filename", "label", "category", "fold", "src_file"]
 BAD_FILES = ("refuse", "skip")
+SPLITS = ("kfold", "holdout")
 
 
 def _examples(values) -> str:
@@ -128,9 +132,46 @@ def assign_folds(table: pd.DataFrame, *, n_folds: int, seed: int, grouped: bool)
     return folds
 
 
+def assign_holdout(table: pd.DataFrame, *, shares: list[float], seed: int) -> np.ndarray:
+    """Fold numbers of a holdout split (resolvers.HOLDOUT_FOLDS: 1 test, 2 validation, 3 training), `shares` of each
+    class's files in (training, validation, test) order, whole source recordings at a time.
+
+    Per class (sorted), its sources are shuffled (seeded) and dealt out: to the test part until it holds its share
+    of the class's files (rounded, at least one source), then to validation likewise, the rest to training. A
+    source whose files span several classes goes with the class of its first file.
+    """
+    if len(shares) != 3 or any(not isinstance(s, int | float) or s <= 0 for s in shares) or abs(sum(shares) - 1) > 1e-6:
+        raise EsclabError(f"dataset.folder.holdout={list(shares)} must be three positive shares of the files, "
+                          "training, validation and test, summing to 1: e.g. [0.70, 0.15, 0.15]")
+    rng = np.random.default_rng(seed)
+    sizes = table.groupby("src_file", sort=True).size()
+    owner = table.drop_duplicates("src_file").set_index("src_file")["category"].loc[sizes.index]
+    fold_of: dict[str, int] = {}
+    for category in sorted(owner.unique()):
+        sources = sizes[owner == category]
+        if len(sources) < 3:
+            raise EsclabError(f"class {category} has {len(sources)} source recording(s), too few for a training, "
+                              "validation and test part: add recordings, or use dataset.folder.split=kfold")
+        wanted = [max(1, round(share * sources.sum())) for share in (shares[2], shares[1])]
+        held = [0, 0]
+        for source in rng.permutation(sources.index.to_numpy()):
+            part = next((i for i in (0, 1) if held[i] < wanted[i]), 2)
+            fold_of[source] = (HOLDOUT_FOLDS["test"], HOLDOUT_FOLDS["validation"], HOLDOUT_FOLDS["training"])[part]
+            if part < 2:
+                held[part] += sources[source]
+        if HOLDOUT_FOLDS["training"] not in {fold_of[s] for s in sources.index}:
+            raise EsclabError(f"class {category}'s test and validation shares took all its files: add recordings, "
+                              "or lower the test and validation shares in dataset.folder.holdout")
+    return table["src_file"].map(fold_of).to_numpy()
+
+
 def make_folder_table(root: Path, *, n_folds: int, n_classes: int | None = None, group_pattern: str | None = None,
-                      bad_files: str = "refuse", seed: int = 0) -> pd.DataFrame:
-    """The checked split table of a folder-per-class tree, with its folds."""
+                      bad_files: str = "refuse", seed: int = 0, split: str = "kfold",
+                      holdout: list[float] = (0.70, 0.15, 0.15)) -> pd.DataFrame:
+    """The checked split table of a folder-per-class tree, with its folds: `n_folds` stratified (grouped) folds, or
+    with split=holdout one training / validation / test split in the `holdout` shares."""
+    if split not in SPLITS:
+        raise EsclabError(f"dataset.folder.split must be one of {', '.join(SPLITS)}; got {split!r}")
     table = find_clips(root, bad_files=bad_files)
     names = sorted(table["category"].unique())
     if n_classes is not None and len(names) != n_classes:
@@ -139,7 +180,10 @@ def make_folder_table(root: Path, *, n_folds: int, n_classes: int | None = None,
     table = table.assign(path=[(root / name).as_posix() for name in table["filename"]],
                          label=table["category"].map({name: i for i, name in enumerate(names)}),
                          src_file=sources(table["filename"], group_pattern))
-    table["fold"] = assign_folds(table, n_folds=n_folds, seed=seed, grouped=group_pattern is not None)
+    if split == "holdout":
+        table["fold"] = assign_holdout(table, shares=list(holdout), seed=seed)
+    else:
+        table["fold"] = assign_folds(table, n_folds=n_folds, seed=seed, grouped=group_pattern is not None)
     return table.sort_values(["fold", "filename"])[TABLE_COLUMNS].reset_index(drop=True)
 
 

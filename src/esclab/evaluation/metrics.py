@@ -1,20 +1,22 @@
-"""The evaluate stage: pool the five test folds into one set of metrics and reports.
+"""The evaluate stage: pool the test folds (`dataset.folds`) into one set of metrics and reports.
 
-Each clip of ESC-50 is predicted exactly once, by the model that did not train on
-its fold, so concatenating the folds' predictions gives an honest test set of all
-clips. The stage reports both the per-fold spread (the usual "mean +- std" of
-ESC-50 papers) and the pooled view (per-class scores, ROC/PR, confusion matrix).
+Each clip of ESC-50 (or of any dataset's folds) is predicted exactly once, by the
+model that did not train on its fold, so concatenating the folds' predictions gives
+an honest test set of all clips; a holdout split has one test fold, its test part.
+The stage reports both the per-fold spread (the usual "mean +- std" of ESC-50
+papers) and the pooled view (per-class scores, ROC/PR, confusion matrix).
 Floats are rounded and no timestamps are written, so the same predictions give
 byte-identical metrics.json, which is what `dvc metrics diff` compares.
 """
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import precision_recall_fscore_support, roc_auc_score, top_k_accuracy_score
+from sklearn.metrics import precision_recall_fscore_support, recall_score, roc_auc_score
 
 from esclab.atomic import atomic_file
 from esclab.errors import EsclabError
@@ -77,25 +79,25 @@ def _check_predictions(table: pd.DataFrame, path: Path, fold: int) -> None:
                           f"{_retrain(fold)}")
 
 
-def load_predictions(folds_dir: Path, n_folds: int) -> pd.DataFrame:
-    """Every fold's test predictions (folds_dir/<k>/predictions.csv, k = 1..n_folds) in one table."""
+def load_predictions(folds_dir: Path, folds: Sequence[int]) -> pd.DataFrame:
+    """Every test fold's predictions (folds_dir/<k>/predictions.csv, k in `folds`) in one table."""
     tables = []
-    for fold in range(1, n_folds + 1):
+    for fold in folds:
         path = folds_dir / str(fold) / "predictions.csv"
         table = _read_fold_csv(path, fold, PREDICTION_COLUMNS)
         _check_predictions(table, path, fold)
         if tables and prob_columns(table) != prob_columns(tables[0]):
             counts = len(prob_columns(table)), len(prob_columns(tables[0]))
-            raise EsclabError(f"{path} has {counts[0]} classes but fold 1 has {counts[1]}: the folds come from "
-                              "different datasets; run `dvc repro train` for all folds")
+            raise EsclabError(f"{path} has {counts[0]} classes but fold {folds[0]} has {counts[1]}: the folds come "
+                              "from different datasets; run `dvc repro train` for all folds")
         tables.append(table)
     return pd.concat(tables, ignore_index=True)
 
 
-def load_histories(folds_dir: Path, n_folds: int) -> pd.DataFrame:
-    """Every fold's per-epoch history (folds_dir/<k>/history.csv) in one table with a `fold` column."""
+def load_histories(folds_dir: Path, folds: Sequence[int]) -> pd.DataFrame:
+    """Every test fold's per-epoch history (folds_dir/<k>/history.csv) in one table with a `fold` column."""
     tables = []
-    for fold in range(1, n_folds + 1):
+    for fold in folds:
         table = _read_fold_csv(folds_dir / str(fold) / "history.csv", fold, HISTORY_COLUMNS)
         tables.append(table.assign(fold=fold))
     return pd.concat(tables, ignore_index=True)
@@ -133,15 +135,25 @@ def ovr_macro_roc_auc(labels: np.ndarray, probs: np.ndarray) -> float | None:
     return _round(np.mean(scores)) if scores else None
 
 
+def balanced_accuracy(labels: np.ndarray, predicted: np.ndarray) -> float:
+    """The mean of per-class recalls over the classes present in `labels` (scikit-learn's balanced accuracy, without
+    its warning when a prediction names a class absent here): what a model that ignores a rare class cannot fake."""
+    return _round(recall_score(labels, predicted, labels=np.unique(labels), average="macro", zero_division=0))
+
+
 def top_k_accuracy(labels: np.ndarray, probs: np.ndarray, k: int) -> float | None:
     """The share of clips whose class is among the k most probable; None (null) when k covers
-    every class, where any model would score 1."""
+    every class, where any model would score 1.
+
+    Ranked as scikit-learn's top_k_accuracy_score ranks (a stable sort, reversed: of tied
+    classes the higher index counts first), which refuses a two-class dataset's two columns."""
     n_classes = probs.shape[1]
     if k >= n_classes:
         log.info("evaluate: top-%d accuracy left out: there are only %d classes (set evaluate.top_k lower)",
                  k, n_classes)
         return None
-    return _round(top_k_accuracy_score(labels, probs, k=k, labels=range(n_classes)))
+    ranked = np.argsort(probs, axis=1, kind="mergesort")[:, ::-1][:, :k]
+    return _round((ranked == labels[:, None]).any(axis=1).mean())
 
 
 def pooled_metrics(pred: pd.DataFrame, class_names: list[str], top_k: int = 5) -> tuple[dict, pd.DataFrame]:
@@ -149,6 +161,8 @@ def pooled_metrics(pred: pd.DataFrame, class_names: list[str], top_k: int = 5) -
 
     Accuracy is given per fold (and their mean and population std, ddof=0, the
     usual ESC-50 figure) and pooled over all clips; the other scores are pooled.
+    balanced_accuracy is the mean of per_class.csv's recall column (over the classes
+    that occur), the figure to read beside accuracy when the classes are imbalanced.
     macro_f1 averages per-class F1 over all classes, 0 for a class never predicted
     correctly, so it equals the mean of per_class.csv's f1 column.
     """
@@ -169,6 +183,7 @@ def pooled_metrics(pred: pd.DataFrame, class_names: list[str], top_k: int = 5) -
         "accuracy_std": _round(np.std(fold_accuracy.to_numpy(), ddof=0)),
         "fold_accuracy": {str(fold): _round(acc) for fold, acc in fold_accuracy.items()},
         "accuracy_pooled": _round(correct.mean()),
+        "balanced_accuracy": balanced_accuracy(labels, predicted),
         "macro_f1": _round(f1.mean()),
         "macro_roc_auc": ovr_macro_roc_auc(labels, probs),
         f"top{top_k}_accuracy": top_k_accuracy(labels, probs, top_k),
@@ -178,15 +193,16 @@ def pooled_metrics(pred: pd.DataFrame, class_names: list[str], top_k: int = 5) -
     return metrics, per_class
 
 
-def write_reports(folds_dir: Path, index_csv: Path, reports_dir: Path, *, n_folds: int = 5, top_k: int = 5) -> dict:
+def write_reports(folds_dir: Path, index_csv: Path, reports_dir: Path, *, folds: Sequence[int] = range(1, 6),
+                  top_k: int = 5) -> dict:
     """The evaluate stage: metrics.json, per_class.csv and plots/ under `reports_dir`; returns the metrics.
 
     Every input is read and checked before anything is written, so a bad fold
     leaves the previous reports as they were.
     """
-    pred = load_predictions(folds_dir, n_folds)
+    pred = load_predictions(folds_dir, folds)
     names = class_names(index_csv, len(prob_columns(pred)))
-    history = load_histories(folds_dir, n_folds)
+    history = load_histories(folds_dir, folds)
     metrics, per_class = pooled_metrics(pred, names, top_k)
     with atomic_file(reports_dir / "metrics.json") as tmp:
         tmp.write_text(json.dumps(metrics, sort_keys=True, indent=2) + "\n")

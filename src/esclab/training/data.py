@@ -23,7 +23,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from esclab.errors import EsclabError
-from esclab.training.seeding import epoch_permutation
+from esclab.training.seeding import derived_seed, epoch_permutation
 
 
 class CacheRows(Dataset):
@@ -96,6 +96,29 @@ class EpochShuffle(Sampler[int]):
         return iter(epoch_permutation(self.n, self.seed, self.epoch).tolist())
 
 
+class EpochBalanced(EpochShuffle):
+    """`train.sampler=balanced`: each epoch draws as many rows as there are, with replacement, every class equally
+    likely, so a rare class's clips repeat and a common class's are subsampled; fixed by (seed, epoch)."""
+
+    def __init__(self, labels: np.ndarray, seed: int):
+        super().__init__(len(labels), seed)
+        self.weights = torch.as_tensor(1.0 / np.bincount(labels)[labels], dtype=torch.float64)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch))
+        return iter(torch.multinomial(self.weights, self.n, replacement=True, generator=generator).tolist())
+
+
+SAMPLERS = ("shuffle", "balanced")
+
+
+def balanced_class_weights(labels: np.ndarray, n_classes: int) -> list[float]:
+    """`train.class_weights=balanced`: n / (n_classes x count) per class, scikit-learn's "balanced" rule, so every
+    class adds the same total weight to the loss; a class without training rows gets 0 (it never occurs there)."""
+    counts = np.bincount(labels, minlength=n_classes)
+    return [len(labels) / (n_classes * c) if c else 0.0 for c in counts.tolist()]
+
+
 def check_cache(features_dir: Path, representation: str, settings: dict) -> None:
     """Refuse a feature cache of another representation, or built with other settings than the config's."""
     meta_path = features_dir / "features.json"
@@ -123,7 +146,7 @@ class FoldData(L.LightningDataModule):
 
     def __init__(self, features_dir: str | Path, *, test_fold: int, batch_size: int = 16, num_workers: int = 0,
                  val_fraction: float = 0.2, val_fold: int | None = None, normalize: str = "global", seed: int = 0,
-                 resident: bool | str = "auto"):
+                 resident: bool | str = "auto", sampler: str = "shuffle"):
         super().__init__()
         self.features_dir = Path(features_dir)
         self.test_fold, self.val_fold, self.val_fraction = test_fold, val_fold, val_fraction
@@ -134,7 +157,9 @@ class FoldData(L.LightningDataModule):
             raise EsclabError(f"train.batch_size must be a positive integer, got {batch_size}")
         if not (isinstance(resident, bool) or resident == "auto"):
             raise EsclabError(f"train.resident must be one of auto, true, false; got {resident!r}")
-        self.normalize, self.resident = normalize, resident
+        if sampler not in SAMPLERS:
+            raise EsclabError(f"train.sampler must be one of {', '.join(SAMPLERS)}; got {sampler!r}")
+        self.normalize, self.resident, self.sampler = normalize, resident, sampler
         self._on_device: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -206,8 +231,16 @@ class FoldData(L.LightningDataModule):
             self._on_device = x.unsqueeze(1), labels
         return self._on_device
 
+    @property
+    def train_labels(self) -> np.ndarray:
+        return self.index["label"].to_numpy()[self.train_rows]
+
     def _loader(self, rows: np.ndarray, shuffle: bool) -> DataLoader | ResidentBatches:
-        sampler = EpochShuffle(len(rows), self.seed) if shuffle else None
+        sampler = None
+        if shuffle and self.sampler == "balanced":
+            sampler = EpochBalanced(self.index["label"].to_numpy()[rows], self.seed)
+        elif shuffle:
+            sampler = EpochShuffle(len(rows), self.seed)
         if self.resident is True or (self.resident == "auto" and self.device.type != "cpu"):
             return ResidentBatches(*self.resident_rows(), rows, self.batch_size, sampler)
         dataset = CacheRows(cache_array(self.features_dir), self.index["label"].to_numpy(), rows, self.mean, self.std)

@@ -3,7 +3,7 @@
 import lightning as L
 import pandas as pd
 
-COLUMNS = ["train/loss", "train/acc", "val/loss", "val/acc"]
+COLUMNS = ["train/loss", "train/acc", "val/loss", "val/acc", "val/balanced_acc"]
 
 
 class EpochHistory(L.Callback):

@@ -4,8 +4,8 @@ Its hyper-parameters are plain dicts saved in every checkpoint, so a checkpoint
 alone rebuilds the exact model (`Classifier.load_from_checkpoint(path)`).
 Training batches are augmented (training/augment.py) inside `training_step` only,
 and trained against probability targets, so mixup's soft targets and label
-smoothing combine in one cross-entropy; validation keeps the plain loss, comparable
-across recipes.
+smoothing combine in one cross-entropy, weighted per class with `train.class_weights`;
+validation keeps the plain loss, comparable across recipes.
 """
 
 import lightning as L
@@ -22,11 +22,12 @@ from esclab.training.augment import Augment
 class Classifier(L.LightningModule):
     """`feature_std` is the training split's log-mel std in dB (FoldData.std): augment.gain's unit.
     `preprocessing` is what a prediction must do to audio before this network sees it (serving/preprocessing.py);
-    it is only kept, in the checkpoint's hyper-parameters."""
+    it is only kept, in the checkpoint's hyper-parameters. `class_weights` weigh each class's term of the training
+    loss (training/data.py's balanced_class_weights); None weighs them all 1."""
 
     def __init__(self, *, model: dict, n_classes: int, input_shape: tuple[int, int], optimizer: dict,
                  scheduler: dict | None = None, augment: dict | None = None, label_smoothing: float = 0.0,
-                 feature_std: float = 1.0, preprocessing: dict | None = None):
+                 feature_std: float = 1.0, preprocessing: dict | None = None, class_weights: list[float] | None = None):
         super().__init__()
         # Into the checkpoint only: the Tracker already logs the whole config to the fold's run, and Lightning's
         # copy would add every model/optimizer/augment key a second time, spelt with '/'.
@@ -36,6 +37,9 @@ class Classifier(L.LightningModule):
         self.augment = Augment(augment or {}, std=feature_std)
         self.train_acc = MulticlassAccuracy(n_classes, average="micro")
         self.val_acc = MulticlassAccuracy(n_classes, average="micro")
+        self.val_balanced_acc = MulticlassAccuracy(n_classes, average="macro")  # the mean of per-class recalls
+        # Not in the state dict: the checkpoint's hyper-parameters already hold them.
+        self.register_buffer("class_weights", torch.tensor(class_weights) if class_weights else None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -45,7 +49,7 @@ class Classifier(L.LightningModule):
         x, targets = self.augment(x, F.one_hot(y, self.hparams.n_classes).to(x.dtype))
         logits = self(x)
         # torch smooths probability targets as (1 - e) * targets + e / n_classes: mixup first, then smoothing.
-        loss = F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
+        loss = F.cross_entropy(logits, targets, weight=self.class_weights, label_smoothing=self.hparams.label_smoothing)
         self.train_acc(logits, targets.argmax(dim=1))  # a mixed clip counts as its larger share's class
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
@@ -55,8 +59,10 @@ class Classifier(L.LightningModule):
         x, y, _ = batch
         logits = self(x)
         self.val_acc(logits, y)
+        self.val_balanced_acc(logits, y)
         self.log("val/loss", F.cross_entropy(logits, y), on_step=False, on_epoch=True, prog_bar=True)
         self.log("val/acc", self.val_acc, on_step=False, on_epoch=True, prog_bar=True)
+        self.log("val/balanced_acc", self.val_balanced_acc, on_step=False, on_epoch=True)
 
     def predict_step(self, batch, batch_idx):
         """Softmax probabilities (only here: training works on logits) with each clip's row."""

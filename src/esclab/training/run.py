@@ -32,12 +32,13 @@ import esclab.resolvers  # noqa: F401  (a fold in a spawned process resolves dat
 from esclab.atomic import atomic_file
 from esclab.data.representations import cache_settings, check_learner, representation
 from esclab.errors import EsclabError
+from esclab.evaluation.metrics import balanced_accuracy, write_reports
 from esclab.logs import silence_known_noise
 from esclab.models import model_settings
 from esclab.models.heads import HEADS, candidates, class_probabilities
 from esclab.serving.preprocessing import preprocessing_of
 from esclab.tracking import Tracker
-from esclab.training.data import FoldData, check_cache
+from esclab.training.data import FoldData, balanced_class_weights, check_cache
 from esclab.training.history import EpochHistory
 from esclab.training.module import Classifier
 from esclab.training.seeding import BatchSeed
@@ -64,7 +65,7 @@ def fold_data(cfg: DictConfig, fold: int, normalize: str | None = None) -> FoldD
     t = cfg.train
     data = FoldData(cfg.paths.features, test_fold=fold, batch_size=t.batch_size, num_workers=t.num_workers,
                     val_fraction=t.val_fraction, val_fold=t.val_fold, normalize=normalize or t.normalize,
-                    seed=cfg.seed, resident=t.resident)
+                    seed=cfg.seed, resident=t.resident, sampler=t.sampler)
     data.setup()
     return data
 
@@ -91,9 +92,23 @@ def build_classifier(cfg: DictConfig, data: FoldData) -> Classifier:
     module = Classifier(model=container["model"], n_classes=data.n_classes, input_shape=data.input_shape,
                         optimizer=container["optimizer"], scheduler=container["scheduler"] or None,
                         augment=container["augment"], label_smoothing=cfg.train.label_smoothing, feature_std=data.std,
-                        preprocessing=preprocessing_of(data))
+                        preprocessing=preprocessing_of(data), class_weights=class_weights(cfg, data))
     speed_up(module.model, channels_last=cfg.train.channels_last, compile=cfg.train.compile)
     return module
+
+
+CLASS_WEIGHTS = ("none", "balanced")
+MONITORED = ("val/acc", "val/balanced_acc", "val/loss")  # what fit_head can choose C by
+
+
+def class_weights(cfg: DictConfig, data: FoldData) -> list[float] | None:
+    """`train.class_weights`: none, or balanced (each class's loss weighed by how rare it is in the training rows)."""
+    setting = cfg.train.class_weights
+    if setting not in CLASS_WEIGHTS:
+        raise EsclabError(f"train.class_weights must be one of {', '.join(CLASS_WEIGHTS)}; got {setting!r}")
+    if setting == "none":
+        return None
+    return balanced_class_weights(data.train_labels, data.n_classes)
 
 
 def train_fold(cfg: DictConfig, fold: int, tracker: Tracker) -> pd.DataFrame:
@@ -164,12 +179,14 @@ def fit_network(cfg: DictConfig, fold: int, tracker: Tracker, run_id: str, targe
 
 def fit_head(cfg: DictConfig, fold: int, tracker: Tracker, run_id: str, target: Path
              ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """scikit-learn: one fit per value of model.C on the training rows, the best on the validation rows kept
+    """scikit-learn: one fit per value of model.C on the training rows (classes weighed as `train.class_weights`
+    says), the best by `train.monitor` on the validation rows kept
     (saved with joblib as `target`); its test predictions, and one history row per C tried.
     The pipeline standardises the raw rows itself (models/heads.py), so the fold's data is not normalised."""
     data = fold_data(cfg, fold, normalize="none")
     labels, n_classes = data.index["label"].to_numpy(), data.n_classes
     options = model_settings(OmegaConf.to_container(cfg.model))
+    balanced = class_weights(cfg, data) is not None
 
     def rows(which: np.ndarray) -> np.ndarray:
         return np.asarray(data.array[which], dtype=np.float32)
@@ -177,20 +194,27 @@ def fit_head(cfg: DictConfig, fold: int, tracker: Tracker, run_id: str, target: 
     def probabilities(pipeline, which: np.ndarray) -> np.ndarray:
         return class_probabilities(pipeline, rows(which), n_classes)
 
+    monitor = cfg.train.monitor
+    if monitor not in MONITORED:
+        raise EsclabError(f"train.monitor={monitor} is not a score a scikit-learn head reports: use one of "
+                          f"{', '.join(MONITORED)}")
+    sign = -1 if monitor.endswith("loss") else 1
     history, best = [], None
-    for step, pipeline in enumerate(candidates(cfg.model.name, seed=cfg.seed, **options)):
+    for step, pipeline in enumerate(candidates(cfg.model.name, seed=cfg.seed, balanced=balanced, **options)):
         pipeline.fit(rows(data.train_rows), labels[data.train_rows])
         train, val = probabilities(pipeline, data.train_rows), probabilities(pipeline, data.val_rows)
         entry = {"epoch": step, "C": options["C"][step],
                  "train/loss": log_loss(labels[data.train_rows], train, labels=range(n_classes)),
                  "train/acc": float((train.argmax(1) == labels[data.train_rows]).mean()),
                  "val/loss": log_loss(labels[data.val_rows], val, labels=range(n_classes)),
-                 "val/acc": float((val.argmax(1) == labels[data.val_rows]).mean())}
+                 "val/acc": float((val.argmax(1) == labels[data.val_rows]).mean()),
+                 "val/balanced_acc": balanced_accuracy(labels[data.val_rows], val.argmax(1))}
         tracker.client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, v, int(time.time() * 1000), step)
                                                   for k, v in entry.items() if "/" in k])
         history.append(entry)
-        if best is None or entry["val/acc"] > best[0]:
-            best = entry["val/acc"], pipeline
+        score = sign * entry[monitor]
+        if best is None or score > best[0]:
+            best = score, pipeline
     pipeline = best[1]
     with atomic_file(target) as tmp:
         joblib.dump({"pipeline": pipeline, "preprocessing": preprocessing_of(data)}, tmp)
@@ -228,17 +252,21 @@ def write_csv(table: pd.DataFrame, path: Path) -> None:
 
 def train(cfg: DictConfig) -> dict | None:
     """Train `cfg.fold`, or every fold and then pool them; returns the pooled metrics if it pooled."""
-    n_folds = cfg.dataset.n_folds
-    if cfg.fold is not None and cfg.fold not in range(1, n_folds + 1):
-        raise EsclabError(f"fold={cfg.fold} is not a fold: use 1..{n_folds}, or fold=null for all of them")
+    folds = list(cfg.dataset.folds)
+    if cfg.fold is not None and cfg.fold not in folds:
+        raise EsclabError(f"fold={cfg.fold} is not a test fold of dataset={cfg.dataset.name}: use one of "
+                          f"{', '.join(map(str, folds))}, or fold=null for all of them")
     check_learner(cfg.model, cfg.features)
+    if cfg.model.name in HEADS and cfg.train.sampler != "shuffle":
+        raise EsclabError(f"train.sampler={cfg.train.sampler} draws training batches, but model={cfg.model.name} fits "
+                          "every training row at once: set train.sampler=shuffle (train.class_weights=balanced weighs "
+                          "the classes for a head too)")
     check_cache(Path(cfg.paths.features), representation(cfg.features), cache_settings(cfg.features))
     tracker = Tracker(cfg)  # creates the parent run before any fold process looks for it
     if cfg.fold is not None:
         train_fold(cfg, cfg.fold, tracker)
         log.info("MLflow: %s", tracker.ui_url())
         return None
-    folds = range(1, n_folds + 1)
     try:
         if cfg.train.parallel_folds == 1:  # a positive integer: esclab.config checks it
             for fold in folds:
@@ -251,7 +279,7 @@ def train(cfg: DictConfig) -> dict | None:
     return evaluate(cfg, tracker)
 
 
-def train_folds_in_processes(cfg: DictConfig, folds: range, processes: int) -> None:
+def train_folds_in_processes(cfg: DictConfig, folds: list[int], processes: int) -> None:
     """Train `processes` folds at a time, each in a fresh process; a fold's outputs are those of the plain loop.
 
     `train_fold` seeds everything itself, so where a fold runs does not change
@@ -276,13 +304,11 @@ def train_fold_alone(cfg: DictConfig, fold: int) -> None:
 
 def evaluate(cfg: DictConfig, tracker: Tracker | None = None) -> dict:
     """Pool the folds' predictions into reports/ and onto the cross-validation's parent run, and end that run."""
-    from esclab.evaluation.metrics import write_reports
-
     reports = Path(cfg.paths.reports)
     tracker = tracker or Tracker(cfg)
     try:
         metrics = write_reports(reports / "folds", Path(cfg.paths.features) / "index.csv", reports,
-                                n_folds=cfg.dataset.n_folds, top_k=cfg.evaluate.top_k)
+                                folds=list(cfg.dataset.folds), top_k=cfg.evaluate.top_k)
     except BaseException:
         tracker.fail()
         raise
