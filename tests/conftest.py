@@ -69,6 +69,35 @@ def tiny_data(tiny_tree, tmp_path_factory) -> dict[str, Path]:
     return split_and_features(tiny_tree, tmp_path_factory.mktemp("tiny_data"))
 
 
+FOLDER_GROUPS = r"^(.+)_\d+\."  # <source>_<take>.<ext>, the synthetic folder tree's names
+
+
+@pytest.fixture(scope="session")
+def folder_tree(tmp_path_factory) -> Path:
+    """The synthetic folder-per-class tree (crying 10 / screaming 18 / normal 50); copy it before changing it."""
+    from esclab.data.synthetic import write_folder_tree
+
+    return write_folder_tree(tmp_path_factory.mktemp("folder") / "tree")
+
+
+@pytest.fixture(scope="session")
+def folder_split(folder_tree, tmp_path_factory) -> dict[str, Path]:
+    """The synthetic folder tree and its grouped 3-fold split table (paths.raw, paths.split)."""
+    from esclab.data.folder import write_folder_split
+
+    split = tmp_path_factory.mktemp("folder_split") / "split.csv"
+    write_folder_split(folder_tree, split, n_folds=3, group_pattern=FOLDER_GROUPS)
+    return {"raw": folder_tree, "split": split}
+
+
+def folder_overrides(data: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    """Overrides that train fold 1 of the synthetic folder dataset's 3 folds for one epoch, writing under `out`."""
+    return ["dataset=synthetic_folder", "dataset.n_folds=3", "fold=1", "trainer.max_epochs=1",
+            "trainer.enable_progress_bar=false", "train.batch_size=8", "lr=1e-3", "tracking.log_model=false",
+            *(f"paths.{name}={path}" for name, path in data.items()), f"paths.models={out / 'models'}",
+            f"paths.reports={out / 'reports'}", f"tracking.uri=sqlite:///{out / 'mlflow.db'}", *extra]
+
+
 def compose_config(*overrides: str):
     """conf/ composed as `python train.py` would, with overrides."""
     from hydra import compose, initialize_config_dir

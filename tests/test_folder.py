@@ -7,19 +7,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import soundfile as sf
-from conftest import esclab
+from conftest import FOLDER_GROUPS as GROUPS
+from conftest import TINY_FEATURES, compose_config, esclab, folder_overrides
 
 from esclab.data.folder import TABLE_COLUMNS, make_folder_table, write_folder_split
+from esclab.data.representations import write_cache
 from esclab.data.synthetic import FOLDER_CLASSES, write_folder_tree
 from esclab.errors import EsclabError
-
-GROUPS = r"^(.+)_\d+\."  # <source>_<take>.<ext>, the synthetic tree's names
-
-
-@pytest.fixture(scope="session")
-def folder_tree(tmp_path_factory) -> Path:
-    """The synthetic folder-per-class tree (crying 10 / screaming 18 / normal 50); copy it before changing it."""
-    return write_folder_tree(tmp_path_factory.mktemp("folder") / "tree")
+from esclab.training.run import train
 
 
 @pytest.fixture
@@ -178,3 +173,24 @@ def test_holdout_refuses_a_class_with_too_few_sources_for_three_parts(tree):
     with pytest.raises(EsclabError, match="class crying has 2 source recording.*too few for a training, validation "
                                           "and test part.*dataset.folder.split=kfold"):
         make_folder_table(tree, n_folds=2, split="holdout")
+
+
+FAMILIES = {  # tiny sizes of each learner family's recipe
+    "cnn4_strong": [*(f"features.{k}={v}" for k, v in TINY_FEATURES.items()), "features.num_workers=1",
+                    "model.channels=[8,8,8,8]", "model.fc_dim=16"],
+    "yamnet_ffn": ["features.duration=2.0", "model.hidden=[16]"],
+    "yamnet_svm": ["features.duration=2.0", "model.C=[0.01]"],
+}
+
+
+@pytest.mark.parametrize("experiment", FAMILIES)
+def test_every_learner_family_trains_on_a_folder_dataset(folder_split, tmp_path, experiment):
+    """The strong CNN recipe, a frozen backbone with a network head and with a scikit-learn head, each on files of
+    every rate, length and channel count: one test fold of the grouped split."""
+    cfg = compose_config(*folder_overrides(folder_split, tmp_path, f"experiment={experiment}", *FAMILIES[experiment]))
+    cfg.paths.features = str(write_cache(folder_split["split"], tmp_path / "features", cfg.features))
+    train(cfg)
+    split = pd.read_csv(folder_split["split"])
+    predictions = pd.read_csv(tmp_path / "reports/folds/1/predictions.csv")
+    assert sorted(predictions["filename"]) == sorted(split.loc[split["fold"] == 1, "filename"])
+    assert (tmp_path / "models/fold_1.ckpt").is_file()

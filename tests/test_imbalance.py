@@ -7,11 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import TINY_FEATURES, compose_config
+from conftest import TINY_FEATURES, compose_config, folder_overrides
 
-from esclab.data.folder import write_folder_split
 from esclab.data.representations import write_cache
-from esclab.data.synthetic import write_folder_tree
 from esclab.errors import EsclabError
 from esclab.evaluation.metrics import pooled_metrics
 from esclab.training.data import EpochBalanced, EpochShuffle, balanced_class_weights
@@ -58,24 +56,16 @@ def test_balanced_accuracy_is_the_mean_recall_beside_accuracy():
 
 
 @pytest.fixture(scope="module")
-def folder_data(tmp_path_factory) -> dict[str, Path]:
-    """The synthetic imbalanced tree (crying 10 / screaming 18 / normal 50) through split and tiny features."""
-    root = tmp_path_factory.mktemp("imbalanced")
-    tree = write_folder_tree(root / "tree")
-    split = root / "split.csv"
-    write_folder_split(tree, split, n_folds=3, group_pattern=r"^(.+)_\d+\.")
+def folder_data(folder_split, tmp_path_factory) -> dict[str, Path]:
+    """The synthetic imbalanced tree's grouped 3-fold split through tiny log-mel features."""
     features = compose_config("dataset=synthetic_folder", *(f"features.{k}={v}" for k, v in TINY_FEATURES.items()),
                               "features.num_workers=1").features
-    return {"raw": tree, "split": split, "features": write_cache(split, root / "features", features)}
+    return folder_split | {"features": write_cache(folder_split["split"], tmp_path_factory.mktemp("f"), features)}
 
 
 def folder_run(data: dict[str, Path], out: Path, *overrides: str):
-    return compose_config("dataset=synthetic_folder", "dataset.n_folds=3", "fold=1", "trainer.max_epochs=1",
-                          "trainer.enable_progress_bar=false", "train.batch_size=8", "lr=1e-3",
-                          "tracking.log_model=false", *(f"features.{k}={v}" for k, v in TINY_FEATURES.items()),
-                          *(f"paths.{name}={path}" for name, path in data.items()),
-                          f"paths.models={out / 'models'}", f"paths.reports={out / 'reports'}",
-                          f"tracking.uri=sqlite:///{out / 'mlflow.db'}", *overrides)
+    return compose_config(*folder_overrides(data, out, *(f"features.{k}={v}" for k, v in TINY_FEATURES.items()),
+                                            *overrides))
 
 
 def test_a_network_trains_with_class_weights_balanced_sampling_and_balanced_validation(folder_data, tmp_path):
