@@ -39,7 +39,7 @@ def download(cfg: DictConfig) -> None:
 
 
 def split(cfg: DictConfig) -> None:
-    """The split table, read the way dataset.layout says (checked against LAYOUTS by check_config)."""
+    """The split table, read the way dataset.layout says (one of config.CHOICES', checked before any stage runs)."""
     from esclab.data.folder import write_folder_split
     from esclab.data.split import write_split
     from esclab.data.urbansound import write_urbansound_split
