@@ -1,10 +1,12 @@
-"""The download stage against a real HTTP server on 127.0.0.1 and real zips in tmp_path."""
+"""The download stage against a real HTTP server on 127.0.0.1 and real zips and tars in tmp_path."""
 
 import hashlib
+import io
 import random
 import shutil
 import socket
 import stat
+import tarfile
 import types
 import zipfile
 from pathlib import Path
@@ -333,3 +335,98 @@ def test_unpack_refused_when_the_disk_is_too_full(tmp_path, little_free_space):
         unpack(archive, tmp_path / "data" / "raw")
     assert str(tmp_path / "data") in str(err.value)
     assert list((tmp_path / "data").iterdir()) == []
+
+
+
+# UrbanSound8K's archive: a tar.gz with one top folder, folders as entries of their own.
+def make_tar(path: Path, files: dict[str, bytes], top: str = "UrbanSound8K", extra: tuple = ()) -> Path:
+    """A tar of `files` under `top` (gzipped if `path` ends in gz), then the `extra` TarInfo entries."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    folders = sorted({"/".join([top, *name.split("/")[:depth]]).strip("/")
+                      for name in files for depth in range(name.count("/") + 1)} - {""})
+    with tarfile.open(path, "w:gz" if path.name.endswith("gz") else "w") as tf:
+        for folder in folders:
+            info = tarfile.TarInfo(folder)
+            info.type, info.mode = tarfile.DIRTYPE, 0o755
+            tf.addfile(info)
+        for name, data in files.items():
+            info = tarfile.TarInfo(f"{top}/{name}".lstrip("/"))
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        for info in extra:
+            tf.addfile(info)
+    return path
+
+
+@pytest.mark.parametrize("name", ["UrbanSound8K.tar.gz", "dataset.tgz", "plain.tar", "no-suffix"])
+def test_tar_is_unpacked_with_its_top_folder_dropped(tmp_path, name):
+    archive = make_tar(tmp_path / "tars" / name, FILES)
+    if name == "no-suffix":  # told by its content, not its name
+        archive = make_tar(tmp_path / "tars" / "x.tar.gz", FILES).rename(archive)
+    unpack(archive, tmp_path / "raw")
+    assert_unpacked(tmp_path / "raw")
+    assert leftovers(tmp_path) == []
+
+
+def test_tar_without_a_top_folder_unpacks_the_same(tmp_path):
+    unpack(make_tar(tmp_path / "flat.tar.gz", FILES, top=""), tmp_path / "raw")
+    assert_unpacked(tmp_path / "raw")
+
+
+def tar_entry(name: str, kind: bytes, target: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, target
+    return info
+
+
+@pytest.mark.parametrize("bad, problem", [
+    ("absolute", "an absolute path"), ("dotdot", "a '..' component"), ("symlink", "a symbolic link"),
+    ("hardlink", "a hard link"), ("device", "a device file"), ("fifo", "a FIFO"),
+])
+def test_dangerous_tar_member_is_refused_before_anything_is_extracted(tmp_path, bad, problem):
+    outside = str(tmp_path / "x")
+    entry = {
+        "absolute": tar_entry(outside, tarfile.REGTYPE),
+        "dotdot": tar_entry("UrbanSound8K/../../x", tarfile.REGTYPE),
+        "symlink": tar_entry("UrbanSound8K/audio/link.wav", tarfile.SYMTYPE, outside),
+        "hardlink": tar_entry("UrbanSound8K/audio/link.wav", tarfile.LNKTYPE, "UrbanSound8K/meta/esc50.csv"),
+        "device": tar_entry("UrbanSound8K/audio/null", tarfile.CHRTYPE),
+        "fifo": tar_entry("UrbanSound8K/audio/pipe", tarfile.FIFOTYPE),
+    }[bad]
+    archive = make_tar(tmp_path / "evil" / "evil.tar.gz", FILES, extra=(entry,))
+    with pytest.raises(EsclabError) as err:
+        unpack(archive, tmp_path / "raw")
+    message = str(err.value)
+    assert f"{archive} member {entry.name!r} is {problem}" in message and "\n" not in message
+    assert not (tmp_path / "raw").exists() and not (tmp_path / "x").exists()
+    assert leftovers(tmp_path) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["evil"]
+
+
+@pytest.mark.parametrize("cut", ["mid-member", "trailer", "plain tar between members"])
+def test_truncated_tar_is_refused_in_one_line_and_unpacks_nothing(tmp_path, cut):
+    plain = cut.startswith("plain")
+    good = make_tar(tmp_path / ("good.tar" if plain else "good.tar.gz"), FILES).read_bytes()
+    if plain:  # cut right after the last member, before the end-of-archive blocks: tarfile alone would not notice
+        with tarfile.open(tmp_path / "good.tar") as tf:
+            last = tf.getmembers()[-1]
+        keep = last.offset_data + tarfile.BLOCKSIZE * -(-last.size // tarfile.BLOCKSIZE)  # its data, padded
+    else:
+        keep = len(good) // 2 if cut == "mid-member" else len(good) - 4
+    archive = tmp_path / ("cut.tar" if plain else "cut.tar.gz")
+    archive.write_bytes(good[:keep])
+    with pytest.raises(EsclabError, match="not a valid tar archive") as err:
+        unpack(archive, tmp_path / "raw")
+    message = str(err.value)
+    assert str(archive) in message and "delete it and rerun" in message and "\n" not in message
+    assert not (tmp_path / "raw").exists() and leftovers(tmp_path) == []
+
+
+def test_tar_gz_url_is_downloaded_resumed_verified_and_unpacked(tmp_path):
+    archive = make_tar(tmp_path / "www" / "UrbanSound8K.tar.gz", FILES)
+    with ArchiveServer(archive.parent) as server:
+        server.drop_after(archive.stat().st_size // 2)
+        prepare_raw(tmp_path / "raw", downloads=tmp_path / "downloads", url=server.url(archive.name),
+                    sha256=sha256(archive), size=archive.stat().st_size, **FAST)
+    assert_unpacked(tmp_path / "raw")
+    assert len(server.requests) == 2 and server.requests[1][1] not in (None, "bytes=0-")  # resumed mid-file
+    assert (tmp_path / "downloads" / archive.name).read_bytes() == archive.read_bytes()

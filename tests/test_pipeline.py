@@ -15,7 +15,7 @@ import yaml
 from conftest import REPO, TINY, TINY_FEATURES, printed_warnings
 from http_server import ArchiveServer
 
-from esclab.data.synthetic import write_archive
+from esclab.data.synthetic import URBANSOUND_CLASSES, write_archive, write_urbansound_archive
 from esclab.params import compose
 
 BIN = Path(sys.executable).parent
@@ -281,3 +281,50 @@ def test_repro_on_a_folder_per_class_with_grouped_folds_then_train_py(tmp_path):
     assert adhoc.returncode == 0, adhoc.stdout[-3000:] + adhoc.stderr[-3000:]
     assert json.loads((out / "reports/metrics.json").read_text())["n_clips"] == metrics["n_clips"]
     assert not (out / "reports/folds/2").exists()  # the validation part is never a test fold
+
+
+@pytest.mark.slow
+def test_repro_on_urbansound8k_over_http_with_its_ten_folds_then_train_py_pools_them(tmp_path):
+    """dataset=synthetic_urbansound8k's tar.gz served over HTTP, pinned, through the real `dvc repro`: unpacked,
+    split by its own 10 folds (10 train stages), every slice predicted once in its fold; then `python train.py`
+    over all folds finds each finished by its run key and pools them onto one MLflow parent of 10 fold runs."""
+    settings = {"slices_per_fold": 1, "duration": [0.5, 1.0], "seed": 0}  # 100 slices
+    archive = write_urbansound_archive(tmp_path / "www" / "UrbanSound8K.tar.gz", **settings)
+    repo = git_dvc_repo(tmp_path / "repo")
+    small = [*SMALL_FEATURES, "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "train.batch_size=16",
+             "lr=1e-3", "tracking.log_model=false", "model.channels=[8,8,8,8]", "model.fc_dim=16"]
+    with ArchiveServer(archive.parent) as server:
+        overrides = ["dataset=synthetic_urbansound8k", f"dataset.url={server.url(archive.name)}",
+                     f"dataset.sha256={hashlib.sha256(archive.read_bytes()).hexdigest()}",
+                     f"dataset.size={archive.stat().st_size}", "dataset.synthetic.slices_per_fold=1",
+                     "dataset.synthetic.duration=[0.5,1.0]", *small]
+        write_params(repo, *overrides)
+        first = run(repo, "dvc", "repro")
+        assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+        assert server.requests == [(f"/{archive.name}", None)]
+    folds = range(1, 11)
+    assert stages_run(first) == {"download", "split", "features", *(f"train@{k}" for k in folds), "evaluate"}
+    table = pd.read_csv(repo / "data/splits/synthetic_urbansound8k.csv")
+    assert len(table) == 100 and sorted(table["fold"].unique()) == list(folds)
+    assert (table.groupby("src_file")["fold"].nunique() == 1).all()
+    metrics = json.loads((repo / "reports/metrics.json").read_text())
+    assert sorted(metrics["fold_accuracy"], key=int) == [str(k) for k in folds]
+    per_class = pd.read_csv(repo / "reports/per_class.csv")
+    assert list(per_class["class"]) == list(URBANSOUND_CLASSES)
+    predictions = pd.concat(pd.read_csv(repo / f"reports/folds/{k}/predictions.csv") for k in folds)
+    assert sorted(predictions["filename"]) == sorted(table["filename"])  # every slice tested once, in its own fold
+
+    pooled = run(repo, sys.executable, "train.py", *overrides, "fold=null")
+    assert pooled.returncode == 0, pooled.stdout[-3000:] + pooled.stderr[-3000:]
+    assert (pooled.stdout + pooled.stderr).count("already trained with this config and data") == 10
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("esclab").experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and len(runs) == 11, [r.data.tags.get("esclab.fold") for r in runs]
+    children = [r for r in runs if r is not parents[0]]
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    assert sorted(int(c.data.tags["esclab.fold"]) for c in children) == list(folds)
+    assert parents[0].data.metrics["accuracy_mean"] == pytest.approx(metrics["accuracy_mean"])

@@ -24,32 +24,34 @@ CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 def download(cfg: DictConfig) -> None:
     from esclab.data import download as dl
     from esclab.data.folder import check_root
-    from esclab.data.synthetic import write_archive, write_folder_tree
+    from esclab.data.synthetic import write_lookalike
 
     ds = cfg.dataset
     archive, source_dir = ds.archive, ds.source_dir
-    generate = ds.synthetic is not None and not (ds.archive or ds.source_dir or ds.url)
-    if generate and ds.folder is not None:
-        source_dir = write_folder_tree(Path(cfg.paths.downloads) / ds.name, **ds.synthetic)
-    elif generate:
-        archive = write_archive(Path(cfg.paths.downloads) / f"{ds.name}.zip", n_folds=ds.n_folds, **ds.synthetic)
-    if ds.folder is not None:
+    if ds.synthetic is not None and not (ds.archive or ds.source_dir or ds.url):
+        made = write_lookalike(ds.layout, Path(cfg.paths.downloads), ds.name, n_folds=ds.n_folds,
+                               settings=ds.synthetic)
+        archive, source_dir = (None, made) if made.is_dir() else (made, None)
+    if ds.layout == "folder":
         check_root(Path(source_dir))
     dl.prepare_raw(Path(cfg.paths.raw), downloads=Path(cfg.paths.downloads), url=ds.url, archive=archive,
                    source_dir=source_dir, sha256=ds.sha256, size=ds.size, **cfg.download)
 
 
 def split(cfg: DictConfig) -> None:
+    """The split table, read the way dataset.layout says (one of config.CHOICES', checked before any stage runs)."""
     from esclab.data.folder import write_folder_split
     from esclab.data.split import write_split
+    from esclab.data.urbansound import write_urbansound_split
 
     ds = cfg.dataset
-    if ds.folder is not None:
-        write_folder_split(Path(cfg.paths.raw), Path(cfg.paths.split), n_folds=ds.n_folds, n_classes=ds.n_classes,
-                           **ds.folder)
+    raw, out = Path(cfg.paths.raw), Path(cfg.paths.split)
+    if ds.layout == "folder":
+        write_folder_split(raw, out, n_folds=ds.n_folds, n_classes=ds.n_classes, **ds.folder)
+    elif ds.layout == "urbansound8k":
+        write_urbansound_split(raw, out, n_folds=ds.n_folds, n_classes=ds.n_classes)
     else:
-        write_split(Path(cfg.paths.raw), Path(cfg.paths.split), n_classes=ds.n_classes, n_folds=ds.n_folds,
-                    esc10_only=ds.esc10_only)
+        write_split(raw, out, n_classes=ds.n_classes, n_folds=ds.n_folds, esc10_only=ds.esc10_only)
 
 
 def features(cfg: DictConfig) -> None:

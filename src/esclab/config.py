@@ -70,12 +70,15 @@ RULES: dict[str, Rule] = {
     "download.backoff_s": Rule(float, at_low=True),
     "download.timeout_s": POSITIVE,
 }
+CHOICES: dict[str, tuple[str, ...]] = {
+    "dataset.layout": ("esc50", "urbansound8k", "folder"),  # how the split stage reads the unpacked dataset
+}
 _MISSING = object()
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Raise EsclabError for a value the user must supply (`???`) and for the first value that breaks its rule
-    (keys absent from `cfg` are skipped)."""
+    """Raise EsclabError for a value the user must supply (`???`) and for the first value that breaks its rule or
+    is not one of its choices (keys absent from `cfg` are skipped)."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise EsclabError(f"{', '.join(missing)} must be set (??? in conf/): pass it on the command line, e.g. "
@@ -85,3 +88,8 @@ def check_config(cfg: DictConfig) -> None:
         if value is not _MISSING and not rule.accepts(value):
             raise EsclabError(f"{key}={value!r} is not valid: it must be {rule.describe()}; fix the override, "
                               "or the value in conf/ (params.yaml under dvc repro)")
+    for key, choices in CHOICES.items():
+        value = OmegaConf.select(cfg, key, default=_MISSING)
+        if value is not _MISSING and value not in choices:
+            raise EsclabError(f"{key}={value!r} is not valid: it must be one of {', '.join(choices)}; fix the "
+                              "override, or the value in conf/ (params.yaml under dvc repro)")

@@ -7,3 +7,10 @@ command-line entry points print it as one line and exit non-zero.
 
 class EsclabError(Exception):
     """A problem with the user's data, config or environment, with its fix in the message."""
+
+
+def examples(values) -> str:
+    """A few of `values` for a one-line message, sorted: 'a, b, c, d, e and 7 more'."""
+    values = sorted(map(str, values))
+    more = f" and {len(values) - 5} more" if len(values) > 5 else ""
+    return ", ".join(values[:5]) + more

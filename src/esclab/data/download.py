@@ -2,20 +2,28 @@
 
 A download is written to `<name>.part` and renamed only when complete, so a cut
 transfer is resumed by the next run instead of being mistaken for the archive.
-Every archive member is checked before anything is extracted, and the unpacked
+An archive is a zip or a tar (plain, .tar.gz/.tgz, ...). Every member is checked
+before anything is extracted: files and folders only, all inside the target. The unpacked
 folder replaces the old one in one rename (esclab.atomic), so the split stage only
 ever sees a complete dataset or none.
 """
 
+import gzip
 import logging
+import lzma
 import os
 import re
 import shutil
 import stat
+import tarfile
 import time
 import zipfile
 import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import IO
 from urllib.parse import urlsplit
 
 import requests
@@ -29,7 +37,11 @@ log = logging.getLogger(__name__)
 
 CHUNK = 1 << 16  # bytes per network read: at most this much is lost when a connection drops
 COPY_BLOCK = 1 << 20
-OFFLINE = "pass dataset.archive=/path/to/local.zip (or dataset.source_dir=/path/to/ESC-50-master)"
+OFFLINE = ("pass dataset.archive=/path/to/a/local/copy/of/the/archive (or dataset.source_dir=/path/to/its/unpacked/"
+           "folder)")
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
+TAR_ERRORS = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, lzma.LZMAError)  # a cut or damaged tar
+ZIP_ERRORS = (zipfile.BadZipFile, EOFError, zlib.error)
 RETRYABLE = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
 
 
@@ -142,56 +154,123 @@ def verify(path: Path, *, sha256: str | None, size: int | None) -> str:
     return actual
 
 
-def _check_member(archive: Path, member: zipfile.ZipInfo) -> None:
-    """Refuse a member that would land outside the target folder or be a link."""
-    name = member.filename
+@dataclass(frozen=True)
+class _Member:
+    """One archive entry, whatever the format: its name as stored, its size, what it is, the format's own record."""
+
+    name: str
+    size: int
+    kind: str  # "file", "folder", or what else it is, as the refusal names it ("a symbolic link", ...)
+    info: zipfile.ZipInfo | tarfile.TarInfo
+
+
+# What a member is when it is neither a regular file nor a folder: never unpacked.
+_ZIP_KINDS = {stat.S_IFLNK: "a symbolic link", stat.S_IFCHR: "a device file", stat.S_IFBLK: "a device file",
+              stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket"}  # by the Unix mode a zip may carry
+_TAR_KINDS = {tarfile.SYMTYPE: "a symbolic link", tarfile.LNKTYPE: "a hard link", tarfile.CHRTYPE: "a device file",
+              tarfile.BLKTYPE: "a device file", tarfile.FIFOTYPE: "a FIFO"}
+
+
+def _zip_member(info: zipfile.ZipInfo) -> _Member:
+    kind = "folder" if info.is_dir() else _ZIP_KINDS.get(stat.S_IFMT(info.external_attr >> 16), "file")
+    return _Member(info.filename, info.file_size, kind, info)
+
+
+def _tar_member(info: tarfile.TarInfo) -> _Member:
+    kind = ("file" if info.isreg() else "folder" if info.isdir()
+            else _TAR_KINDS.get(info.type, f"an entry of unknown tar type {info.type!r}"))
+    return _Member(info.name, info.size, kind, info)
+
+
+def _check_member(archive: Path, member: _Member) -> None:
+    """Refuse a member that would land outside the target folder, or that is anything but a file or a folder."""
+    name = member.name
     parts = re.split(r"[/\\]", name)
     if name.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", name):
         problem = "an absolute path"
     elif ".." in parts:
         problem = "a '..' component"
-    elif stat.S_ISLNK(member.external_attr >> 16):
-        problem = "a symbolic link"
+    elif member.kind not in ("file", "folder"):
+        problem = member.kind
     else:
         return
-    raise EsclabError(f"{archive} member {name!r} is {problem}; refusing to unpack anything from it: "
-                      f"use an untampered copy of the archive")
+    raise EsclabError(f"{archive} member {name!r} is {problem}; refusing to unpack anything from it (only files and "
+                      "folders inside the archive's own folder are unpacked): use an untampered copy of the archive")
+
+
+def _relative(member: _Member) -> str:
+    """The member's path inside the archive without './' or empty parts; a folder's ends in '/' (as in a zip)."""
+    path = "/".join(part for part in member.name.split("/") if part not in ("", "."))
+    return f"{path}/" if member.kind == "folder" and path else path
 
 
 def _top_folder(names: list[str]) -> str:
-    """'ESC-50-master/' when every member lies inside that one folder (GitHub's layout), else ''."""
+    """The one folder holding every member ('ESC-50-master/' in GitHub's zip, 'UrbanSound8K/' in Zenodo's tar.gz),
+    else ''."""
     tops = {name.split("/", 1)[0] for name in names}
     if len(tops) == 1 and all("/" in name for name in names):
         return f"{tops.pop()}/"
     return ""
 
 
+def _tar_to_the_end(tar: tarfile.TarFile) -> None:
+    """tarfile's member list stops quietly where an archive is cut between two members. A whole tar ends in a zero
+    block, and a gzip stream in a checksum that is checked once it is read to its end: check both."""
+    tar.fileobj.seek(tar.offset)
+    if tar.fileobj.read(tarfile.BLOCKSIZE) != tarfile.NUL * tarfile.BLOCKSIZE:
+        raise tarfile.ReadError("it ends before its end-of-archive marker")
+    while tar.fileobj.read(COPY_BLOCK):
+        pass
+
+
+@contextmanager
+def _opened(archive: Path) -> Iterator[tuple[list[_Member], Callable[[_Member], IO[bytes]]]]:
+    """The archive's members and a way to read one, for a tar (plain or compressed) or a zip.
+
+    The format is told by content, since a download's name can lie; a file that is neither is opened as its
+    suffix says, so that the error names what it should have been.
+    """
+    name = archive.name.lower()
+    if tarfile.is_tarfile(archive) or (not zipfile.is_zipfile(archive) and name.endswith(TAR_SUFFIXES)):
+        try:
+            with tarfile.open(archive) as tar:
+                members = [_tar_member(info) for info in tar.getmembers()]
+                _tar_to_the_end(tar)
+                yield members, lambda member: tar.extractfile(member.info)
+        except TAR_ERRORS as err:
+            raise EsclabError(f"{archive} is not a valid tar archive (truncated or corrupt? {err}): "
+                              "delete it and rerun, or point dataset.archive at a good copy") from err
+    else:
+        try:
+            with zipfile.ZipFile(archive) as zf:
+                yield [_zip_member(info) for info in zf.infolist()], lambda member: zf.open(member.info)
+        except ZIP_ERRORS as err:
+            raise EsclabError(f"{archive} is not a valid zip archive (truncated or corrupt? {err}): "
+                              "delete it and rerun, or point dataset.archive at a good copy") from err
+
+
 def unpack(archive: Path, dest: Path) -> Path:
-    """Unpack the zip `archive` so that `dest` holds its contents (audio/, meta/), all or nothing.
+    """Unpack the zip or tar (.tar, .tar.gz, .tgz, ...) `archive` so that `dest` holds its contents, all or nothing.
 
     Every member is checked before the first byte is written; a single top-level
     folder is dropped, so dest/audio exists whether or not the archive wraps it.
     """
-    try:
-        with zipfile.ZipFile(archive) as zf:
-            members = zf.infolist()
-            for member in members:
-                _check_member(archive, member)
-            prefix = _top_folder([m.filename for m in members])
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            _check_space(dest.parent, sum(m.file_size for m in members), f"unpacking {archive}")
-            with atomic_dir(dest) as tmp:
-                for member in members:
-                    target = tmp / member.filename.removeprefix(prefix)
-                    if member.is_dir():
-                        target.mkdir(parents=True, exist_ok=True)
-                        continue
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    with zf.open(member) as src, target.open("wb") as out:
-                        shutil.copyfileobj(src, out, COPY_BLOCK)
-    except (zipfile.BadZipFile, EOFError, zlib.error) as err:
-        raise EsclabError(f"{archive} is not a valid zip archive (truncated or corrupt? {err}): "
-                          "delete it and rerun, or point dataset.archive at a good copy") from err
+    with _opened(archive) as (members, read):
+        for member in members:
+            _check_member(archive, member)
+        paths = [_relative(member) for member in members]
+        prefix = _top_folder([path for path in paths if path])
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        _check_space(dest.parent, sum(m.size for m in members if m.kind == "file"), f"unpacking {archive}")
+        with atomic_dir(dest) as tmp:
+            for member, path in zip(members, paths):
+                target = tmp / path.removeprefix(prefix)
+                if member.kind == "folder":
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with read(member) as src, target.open("wb") as out:
+                    shutil.copyfileobj(src, out, COPY_BLOCK)
     log.info("unpacked %s into %s", archive, dest)
     return dest
 
@@ -205,8 +284,8 @@ def copy_tree(source: Path, dest: Path) -> Path:
     downloaded archive are another matter: `unpack` refuses every one.
     """
     if not source.is_dir():
-        raise EsclabError(f"{source} is not a folder (dataset.source_dir): point it at an unpacked "
-                          "ESC-50-master/ holding audio/ and meta/")
+        raise EsclabError(f"{source} is not a folder (dataset.source_dir): point it at the dataset's unpacked folder, "
+                          "or set dataset.source_dir=null to use dataset.archive or dataset.url")
     for folder, dirnames, filenames in os.walk(source, followlinks=True):
         for link in (Path(folder, name) for name in dirnames + filenames if Path(folder, name).is_symlink()):
             if not link.exists():

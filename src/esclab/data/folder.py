@@ -26,7 +26,7 @@ import soundfile as sf
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from esclab.atomic import atomic_file
-from esclab.errors import EsclabError
+from esclab.errors import EsclabError, examples
 from esclab.resolvers import HOLDOUT_FOLDS
 
 log = logging.getLogger(__name__)
@@ -34,12 +34,6 @@ log = logging.getLogger(__name__)
 TABLE_COLUMNS = ["path", "filename", "label", "category", "fold", "src_file"]
 BAD_FILES = ("refuse", "skip")
 SPLITS = ("kfold", "holdout")
-
-
-def _examples(values) -> str:
-    values = sorted(map(str, values))
-    more = f" and {len(values) - 5} more" if len(values) > 5 else ""
-    return ", ".join(values[:5]) + more
 
 
 def _visible(path: Path, root: Path) -> bool:
@@ -67,7 +61,7 @@ def find_clips(root: Path, *, bad_files: str = "refuse") -> pd.DataFrame:
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     loose = sorted(p.name for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
     if loose:
-        log.warning("%s: %d file(s) outside any class folder, left out: %s", root, len(loose), _examples(loose))
+        log.warning("%s: %d file(s) outside any class folder, left out: %s", root, len(loose), examples(loose))
     if len(classes) < 2:
         found = f"only one class folder ({classes[0]})" if classes else "no class folders"
         raise EsclabError(f"{root} has {found}: a classifier needs at least two, so put each class's recordings in "
@@ -83,10 +77,10 @@ def find_clips(root: Path, *, bad_files: str = "refuse") -> pd.DataFrame:
                               "or remove the folder")
         rows += [(p.relative_to(root).as_posix(), category) for p in audio]
     if bad and bad_files == "refuse":
-        raise EsclabError(f"{len(bad)} file(s) under {root} are not audio soundfile can read: {_examples(bad)}; "
+        raise EsclabError(f"{len(bad)} file(s) under {root} are not audio soundfile can read: {examples(bad)}; "
                           "remove or convert them, or set dataset.folder.bad_files=skip to leave them out")
     if bad:
-        log.warning("%s: %d file(s) that are not audio, left out (bad_files=skip): %s", root, len(bad), _examples(bad))
+        log.warning("%s: %d file(s) that are not audio, left out (bad_files=skip): %s", root, len(bad), examples(bad))
     return pd.DataFrame(rows, columns=["filename", "category"])
 
 
@@ -104,7 +98,7 @@ def sources(filenames: pd.Series, group_pattern: str | None) -> pd.Series:
     unmatched = [name for name, match in zip(filenames, matches) if match is None]
     if unmatched:
         raise EsclabError(f"{len(unmatched)} file name(s) do not match dataset.folder.group_pattern={group_pattern!r}: "
-                          f"{_examples(unmatched)}; change the pattern so it finds every file's source, or set it "
+                          f"{examples(unmatched)}; change the pattern so it finds every file's source, or set it "
                           "to null to split files independently")
     return pd.Series([m.group(1) if pattern.groups else m.group(0) for m in matches], index=filenames.index)
 
@@ -175,7 +169,7 @@ def make_folder_table(root: Path, *, n_folds: int, n_classes: int | None = None,
     table = find_clips(root, bad_files=bad_files)
     names = sorted(table["category"].unique())
     if n_classes is not None and len(names) != n_classes:
-        raise EsclabError(f"{root} has {len(names)} class folders ({_examples(names)}), expected {n_classes} "
+        raise EsclabError(f"{root} has {len(names)} class folders ({examples(names)}), expected {n_classes} "
                           "(dataset.n_classes): fix the tree, or set dataset.n_classes=null to take what is there")
     table = table.assign(path=[(root / name).as_posix() for name in table["filename"]],
                          label=table["category"].map({name: i for i, name in enumerate(names)}),

@@ -11,19 +11,13 @@ from pathlib import Path
 import pandas as pd
 
 from esclab.atomic import atomic_file
-from esclab.errors import EsclabError
+from esclab.errors import EsclabError, examples
 
 log = logging.getLogger(__name__)
 
 META_COLUMNS = ["filename", "fold", "target", "category", "esc10", "src_file", "take"]
 TABLE_COLUMNS = ["path", "filename", "label", "category", "fold", "src_file", "take", "esc10", "target"]
 RERUN = "fix the dataset (or delete data/raw and rerun `dvc repro download`)"
-
-
-def _examples(values) -> str:
-    values = sorted(map(str, values))
-    more = f" and {len(values) - 5} more" if len(values) > 5 else ""
-    return ", ".join(values[:5]) + more
 
 
 def read_metadata(raw: Path) -> pd.DataFrame:
@@ -51,19 +45,19 @@ def check_metadata(meta: pd.DataFrame, audio: Path, *, n_folds: int) -> None:
     """Refuse metadata that disagrees with the audio folder or with ESC-50's structure."""
     duplicated = meta.loc[meta["filename"].duplicated(), "filename"]
     if len(duplicated):
-        raise EsclabError(f"meta/esc50.csv lists {_examples(set(duplicated))} more than once; each clip needs one row")
+        raise EsclabError(f"meta/esc50.csv lists {examples(set(duplicated))} more than once; each clip needs one row")
     bad_folds = sorted(set(meta["fold"]) - set(range(1, n_folds + 1)))
     if bad_folds:
-        raise EsclabError(f"meta/esc50.csv has fold(s) {_examples(bad_folds)}; folds must be 1..{n_folds} (dataset.n_folds)")
+        raise EsclabError(f"meta/esc50.csv has fold(s) {examples(bad_folds)}; folds must be 1..{n_folds} (dataset.n_folds)")
     listed = set(meta["filename"])
     on_disk = {p.name for p in audio.glob("*.wav")} if audio.is_dir() else set()
     if listed - on_disk:
-        raise EsclabError(f"{len(listed - on_disk)} clip(s) in meta/esc50.csv missing from {audio}: {_examples(listed - on_disk)}; {RERUN}")
+        raise EsclabError(f"{len(listed - on_disk)} clip(s) in meta/esc50.csv missing from {audio}: {examples(listed - on_disk)}; {RERUN}")
     if on_disk - listed:
-        raise EsclabError(f"{len(on_disk - listed)} WAV file(s) in {audio} not in meta/esc50.csv: {_examples(on_disk - listed)}; remove them or add their rows")
+        raise EsclabError(f"{len(on_disk - listed)} WAV file(s) in {audio} not in meta/esc50.csv: {examples(on_disk - listed)}; remove them or add their rows")
     per_target = meta.groupby("target")["category"].nunique()
     if (per_target > 1).any():
-        raise EsclabError(f"meta/esc50.csv gives target(s) {_examples(per_target[per_target > 1].index)} more than one category name")
+        raise EsclabError(f"meta/esc50.csv gives target(s) {examples(per_target[per_target > 1].index)} more than one category name")
     if meta["fold"].nunique() != n_folds:
         raise EsclabError(f"meta/esc50.csv uses {meta['fold'].nunique()} folds, expected all of 1..{n_folds} (dataset.n_folds)")
     # A source recording may be cut into clips of different classes (ESC-50 has four such
@@ -73,7 +67,7 @@ def check_metadata(meta: pd.DataFrame, audio: Path, *, n_folds: int) -> None:
     leaking = folds_per_source[folds_per_source > 1]
     if len(leaking):
         sources = [f"src_file {s} (target {t})" for s, t in leaking.index]
-        raise EsclabError(f"{_examples(sources)} appear in more than one fold, which leaks training clips into the test fold; keep each recording's takes in one fold")
+        raise EsclabError(f"{examples(sources)} appear in more than one fold, which leaks training clips into the test fold; keep each recording's takes in one fold")
 
 
 def make_table(raw: Path, *, n_classes: int, n_folds: int, esc10_only: bool) -> pd.DataFrame:

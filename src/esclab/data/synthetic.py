@@ -11,9 +11,11 @@ average one, until classes differ only subtly (in pitch by less than a recording
 detune), and `snr_db` buries the events in more background noise.
 """
 
+import gzip
 import io
+import tarfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -317,3 +319,109 @@ def write_folder_tree(root: Path, **settings) -> Path:
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             (tmp / rel).write_bytes(data)
     return Path(root)
+
+
+# UrbanSound8K (Salamon, Jacoby & Bello, 2014): slices of at most 4 s cut from Freesound recordings, 10 classes,
+# 10 predefined folds, each recording's slices in one fold; every WAV keeps its recording's rate, depth and channels.
+URBANSOUND_CLASSES: tuple[str, ...] = (
+    "air_conditioner", "car_horn", "children_playing", "dog_bark", "drilling", "engine_idling", "gun_shot",
+    "jackhammer", "siren", "street_music",
+)  # index = UrbanSound8K's classID
+URBANSOUND_TOP = "UrbanSound8K"
+URBANSOUND_HEADER = "slice_file_name,fsID,start,end,salience,fold,classID,class"
+URBANSOUND_FORMATS = ((44100, "PCM_16"), (48000, "PCM_24"), (22050, "PCM_16"), (44100, "PCM_24"))  # (Hz, subtype)
+TAR_TIME = 1_400_000_000  # May 2014, about when UrbanSound8K came out: no trace of when the archive was written
+
+
+@dataclass(frozen=True)
+class UrbanSoundSettings:
+    """dataset.synthetic for dataset=synthetic_urbansound8k: what to generate."""
+
+    slices_per_fold: int = 2  # of each class in each fold: 10 classes x 10 folds x 2 = 200 slices
+    duration: tuple[float, float] = (0.5, 4.0)  # each slice's length in seconds is drawn from this
+    seed: int = 0
+    n_folds: int = 10
+
+    def __post_init__(self):
+        s = "dataset.synthetic"
+        if self.slices_per_fold < 1:
+            raise EsclabError(f"{s}.slices_per_fold must be at least 1, got {self.slices_per_fold}; 2 is the default")
+        if self.n_folds < 1:
+            raise EsclabError(f"dataset.n_folds must be at least 1, got {self.n_folds}; UrbanSound8K uses 10")
+        low, high = (float(x) for x in self.duration)
+        if not 0 < low <= high <= 4:
+            raise EsclabError(f"{s}.duration must be [shortest, longest] seconds with 0 < shortest <= longest <= 4 "
+                              f"(UrbanSound8K's slices are at most 4 s), got {list(self.duration)}")
+        object.__setattr__(self, "duration", (low, high))
+
+
+def _urbansound_members(settings: UrbanSoundSettings) -> Iterator[tuple[str, bytes | None]]:
+    """(path under UrbanSound8K/, bytes or None for a folder), in sorted path order.
+
+    Each class has `slices_per_fold` slices in every fold, cut 1-3 at a time from one recording (an fsID) that
+    stays in its fold; the slices of one recording share its pitch, background, rate, depth and channels, and
+    follow each other in it (start, end), as UrbanSound8K's do.
+    """
+    rng = np.random.default_rng(settings.seed)
+    rows, wavs = [], {}
+    ids = iter((rng.choice(200_000, size=len(URBANSOUND_CLASSES) * settings.n_folds * settings.slices_per_fold,
+                           replace=False) + 100).tolist())  # Freesound ids; one per recording at most
+    for fold in range(1, settings.n_folds + 1):
+        for class_id, name in enumerate(URBANSOUND_CLASSES):
+            left = settings.slices_per_fold
+            while left:
+                n_slices = min(left, int(rng.integers(1, 4)))
+                left -= n_slices
+                fs_id, occurrence, at = next(ids), int(rng.integers(0, 5)), rng.uniform(0, 60)
+                sr, subtype = URBANSOUND_FORMATS[int(rng.integers(len(URBANSOUND_FORMATS)))]
+                stereo, salience = rng.random() < 0.4, int(rng.integers(1, 3))  # 1 foreground, 2 background
+                shared = dict(detune=rng.uniform(0.97, 1.03), snr_db=rng.uniform(10, 30), tint=rng.uniform(0.5, 1.5))
+                for slice_id in range(n_slices):
+                    seconds = rng.uniform(*settings.duration)
+                    audio = _render(_Clip(fold, fs_id, str(slice_id), class_id, **shared), rng,
+                                    max(1, round(seconds * sr)), sr, 1.0).astype(np.float32) / 32768
+                    if stereo:  # the right channel a little quieter
+                        audio = np.stack([audio, 0.8 * audio], axis=1)
+                    buffer = io.BytesIO()
+                    sf.write(buffer, audio, sr, format="WAV", subtype=subtype)
+                    file_name = f"{fs_id}-{class_id}-{occurrence}-{slice_id}.wav"
+                    wavs[f"audio/fold{fold}/{file_name}"] = buffer.getvalue()
+                    rows.append(f"{file_name},{fs_id},{at:.6f},{at + seconds:.6f},{salience},{fold},{class_id},{name}")
+                    at += seconds
+    yield "", None
+    yield "audio/", None
+    for fold in range(1, settings.n_folds + 1):
+        yield f"audio/fold{fold}/", None
+        yield from sorted((path, data) for path, data in wavs.items() if path.startswith(f"audio/fold{fold}/"))
+    yield "metadata/", None
+    yield "metadata/UrbanSound8K.csv", "\n".join([URBANSOUND_HEADER, *rows, ""]).encode()
+
+
+def write_urbansound_archive(path: Path, **settings) -> Path:
+    """Write a tar.gz shaped like Zenodo's UrbanSound8K.tar.gz (`settings`: UrbanSoundSettings' fields), byte for byte
+    the same for the same settings: fixed times and owners, no name or time in the gzip header."""
+    path = Path(path)
+    members = _urbansound_members(UrbanSoundSettings(**settings))
+    # Level 1: noisy PCM barely compresses at any level, and the higher ones cost seconds per archive.
+    with (atomic_file(path) as tmp, tmp.open("wb") as raw,
+          gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=1) as gz,
+          tarfile.open(fileobj=gz, mode="w", format=tarfile.GNU_FORMAT) as archive):
+        for rel, data in members:
+            info = tarfile.TarInfo(f"{URBANSOUND_TOP}/{rel}".rstrip("/"))
+            info.mtime, info.uid, info.gid, info.uname, info.gname = TAR_TIME, 0, 0, "", ""
+            if data is None:
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+            else:
+                info.size, info.mode = len(data), 0o644
+            archive.addfile(info, None if data is None else io.BytesIO(data))
+    return path
+
+
+def write_lookalike(layout: str, downloads: Path, name: str, *, n_folds: int, settings: Mapping) -> Path:
+    """The download stage's stand-in for dataset.url: dataset.synthetic's look-alike of a `layout` dataset, written
+    into `downloads` as the real one arrives: an archive to unpack, or, for a folder per class, the tree itself."""
+    if layout == "folder":
+        return write_folder_tree(Path(downloads) / name, **settings)  # its folds are the split stage's to make
+    if layout == "urbansound8k":
+        return write_urbansound_archive(Path(downloads) / f"{name}.tar.gz", n_folds=n_folds, **settings)
+    return write_archive(Path(downloads) / f"{name}.zip", n_folds=n_folds, **settings)
