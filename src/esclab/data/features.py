@@ -153,23 +153,24 @@ def pick_device(device: str) -> torch.device:
 _worker: dict = {}
 
 
-def _start_worker(npy_path: Path, settings, device: torch.device, threads: int | None) -> None:
+def _start_worker(npy_path: Path, settings, device: torch.device, batch_size: int, threads: int | None) -> None:
     if threads:
         torch.set_num_threads(threads)
     _worker.update(out=np.load(npy_path, mmap_mode="r+"), transform=settings.transform().to(device),
-                   settings=settings, device=device)
+                   settings=settings, device=device, batch_size=batch_size)
 
 
 def _fill_rows(job: tuple[int, list[tuple[str, list[float]]]]) -> int:
     """Decode a run of files and write their clips' transformed rows straight into the shared output file, from
-    row `first` on."""
+    row `first` on, `batch_size` clips per transform call (a long file's many windows too)."""
     first, files = job
-    s = _worker["settings"]
+    s, size = _worker["settings"], _worker["batch_size"]
     waves = np.concatenate([load_clips(path, sample_rate=s.sample_rate, n_samples=s.n_samples, starts=starts)
                             for path, starts in files])
-    with torch.inference_mode():
-        mels = _worker["transform"](torch.from_numpy(waves).to(_worker["device"]).unsqueeze(1))
-    _worker["out"][first:first + len(waves)] = mels.squeeze(1).to(torch.float16).cpu().numpy()
+    for start in range(0, len(waves), size):
+        with torch.inference_mode():
+            rows = _worker["transform"](torch.from_numpy(waves[start:start + size]).to(_worker["device"]).unsqueeze(1))
+        _worker["out"][first + start:first + start + len(rows)] = rows.squeeze(1).to(torch.float16).cpu().numpy()
     return len(files)
 
 
@@ -197,10 +198,10 @@ def compute_rows(files: list[tuple[str, list[float]]], settings, npy_path: Path,
     jobs = runs_of_files(files, batch_size)
     with tqdm(total=len(files), desc="features", unit="file") as bar:
         if num_workers == 0:  # everything in this process: slower, but easy to debug
-            _start_worker(npy_path, settings, device, threads=None)
+            _start_worker(npy_path, settings, device, batch_size, threads=None)
             done = map(_fill_rows, jobs)
         else:  # one thread per process: the processes already fill the cores
-            pool = get_context("spawn").Pool(num_workers, _start_worker, (npy_path, settings, device, 1))
+            pool = get_context("spawn").Pool(num_workers, _start_worker, (npy_path, settings, device, batch_size, 1))
             done = pool.imap_unordered(_fill_rows, jobs)
         try:
             for count in done:
