@@ -22,7 +22,7 @@ import soundfile as sf
 from esclab.errors import EsclabError
 
 CLIPS = ("pad", "windows")
-# What a cache whose features.json predates features.clips was cut as.
+# What a cache whose features.json names no clips was cut as: a padded one (see `recorded`).
 BEFORE_WINDOWS = {"clips": "pad", "hop": None}
 
 
@@ -37,6 +37,15 @@ def check_clips(clips: str, hop: float | None) -> None:
     if clips != "windows":
         raise EsclabError(f"features.hop={hop} only applies to features.clips=windows: set features.clips=windows, "
                           "or features.hop=null")
+
+
+def recorded(settings: dict) -> dict:
+    """A cache's settings as its features.json records them: clips and hop only when it holds windows, so a padded
+    cache is byte for byte what it was before features.clips existed (its DVC hash, and the results recorded with
+    it, unchanged)."""
+    if settings["clips"] == "windows":
+        return settings
+    return {name: value for name, value in settings.items() if name not in BEFORE_WINDOWS}
 
 
 def window_starts(seconds: float, duration: float, hop: float) -> list[float]:

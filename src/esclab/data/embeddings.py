@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from esclab.atomic import atomic_dir
 from esclab.data.audio import decode
-from esclab.data.clips import cache_rows, check_clips, file_starts
+from esclab.data.clips import cache_rows, check_clips, file_starts, recorded
 from esclab.data.features import cut
 from esclab.errors import EsclabError
 from esclab.models.backbones import BACKBONES, build_backbone
@@ -126,7 +126,7 @@ def write_embeddings(split_csv: Path, out_dir: Path, features) -> Path:
         out.flush()
         del out
         table.to_csv(tmp / "index.csv", index=False)
-        meta = {"representation": "embedding", "array": ARRAY, "settings": asdict(settings),
+        meta = {"representation": "embedding", "array": ARRAY, "settings": recorded(asdict(settings)),
                 "shape": list(shape), "dtype": "float16"}
         (tmp / "features.json").write_text(json.dumps(meta, indent=2) + "\n")
     log.info("features: %d clips -> %s float16 %s embeddings in %s", len(table), shape, label, out_dir)

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from esclab.atomic import atomic_dir
 from esclab.data.audio import decode, pad_or_trim
-from esclab.data.clips import cache_rows, check_clips, file_starts
+from esclab.data.clips import cache_rows, check_clips, file_starts, recorded
 from esclab.errors import EsclabError
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ class LogMelSettings:
 
     def described(self) -> dict:
         """features.json's description of the cache (a log-mel cache's is the oldest: it names no representation)."""
-        return {"settings": asdict(self)}
+        return {"settings": recorded(asdict(self))}
 
 
 class LogMel(torch.nn.Module):

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from esclab.data.clips import check_clips
+from esclab.data.clips import check_clips, recorded
 from esclab.errors import EsclabError
 
 
@@ -54,7 +54,7 @@ class WaveformSettings:
         return Samples()
 
     def described(self) -> dict:
-        return {"representation": "waveform", "array": self.array, "settings": asdict(self)}
+        return {"representation": "waveform", "array": self.array, "settings": recorded(asdict(self))}
 
 
 class Samples(torch.nn.Module):
