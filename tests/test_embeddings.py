@@ -48,9 +48,9 @@ def test_cache_holds_every_window_of_every_clip_in_split_order(cache, split_csv)
 
 
 def _clip(split_csv, row):
-    from esclab.data.features import load_clip
+    from esclab.data.features import load_clips
 
-    return load_clip(pd.read_csv(split_csv)["path"][row], sample_rate=16000, n_samples=16000)
+    return load_clips(pd.read_csv(split_csv)["path"][row], sample_rate=16000, n_samples=16000)[0]
 
 
 def test_a_rebuilt_cache_is_byte_identical(cache, split_csv, tmp_path):
@@ -95,7 +95,7 @@ def combined(split_csv, tmp_path_factory):
 
 
 def test_a_combined_cache_puts_each_backbones_windows_side_by_side_on_the_finest_grid(combined, split_csv):
-    from esclab.data.features import load_clip
+    from esclab.data.features import load_clips
     from esclab.models.backbones.aisfx import AiSfx
 
     array = np.load(combined / ARRAY, mmap_mode="r")
@@ -104,8 +104,8 @@ def test_a_combined_cache_puts_each_backbones_windows_side_by_side_on_the_finest
     assert meta["settings"]["backbones"] == ["yamnet", "aisfx"] and set(meta["settings"]["weights_sha256"]) == {
         "yamnet", "aisfx"}
     path = pd.read_csv(split_csv)["path"][3]
-    own, _ = yamnet.YamNet()(load_clip(path, sample_rate=16000, n_samples=3 * 16000))
-    blocks, _ = AiSfx()(load_clip(path, sample_rate=44100, n_samples=3 * 44100))
+    own, _ = yamnet.YamNet()(load_clips(path, sample_rate=16000, n_samples=3 * 16000)[0])
+    blocks, _ = AiSfx()(load_clips(path, sample_rate=44100, n_samples=3 * 44100)[0])
     # YAMNet's windows are centred at 0.49, 0.97, 1.45, 1.93, 2.41, 2.89 s; aiSFX's blocks at 1.15 and 2.31 s.
     assert np.allclose(array[3, :, :1024], own, atol=1e-2, rtol=1e-2)
     assert np.allclose(array[3, :, 1024:], blocks[[0, 0, 0, 1, 1, 1]], atol=1e-2, rtol=1e-2)

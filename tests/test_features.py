@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
-from esclab.data.features import LogMelSettings, load_clip, write_features
+from esclab.data.features import LogMelSettings, load_clips, write_features
 from esclab.data.split import write_split
 from esclab.errors import EsclabError
 
@@ -76,7 +76,7 @@ def test_stereo_48k_8bit_is_mixed_resampled_and_converted(tmp_path):
     t = np.arange(48000) / 48000
     left, right = 0.5 * np.sin(2 * np.pi * 440 * t), 0.5 * np.sin(2 * np.pi * 880 * t)
     sf.write(tmp_path / "odd.wav", np.stack([left, right], axis=1), 48000, subtype="PCM_U8")
-    clip = load_clip(tmp_path / "odd.wav", sample_rate=16000, n_samples=16000)
+    clip = load_clips(tmp_path / "odd.wav", sample_rate=16000, n_samples=16000)[0]
     spectrum = np.abs(np.fft.rfft(clip))
     assert clip.dtype == np.float32 and clip.shape == (16000,)
     assert {round(f) for f in np.argsort(spectrum)[-2:]} == {440, 880}  # 1 Hz bins: both channels kept
@@ -85,8 +85,8 @@ def test_stereo_48k_8bit_is_mixed_resampled_and_converted(tmp_path):
 def test_short_clip_is_zero_padded_and_long_clip_trimmed(tmp_path):
     sf.write(tmp_path / "short.wav", np.full(4000, 0.25), 16000)
     sf.write(tmp_path / "long.wav", np.full(40000, 0.25), 16000)
-    short = load_clip(tmp_path / "short.wav", sample_rate=16000, n_samples=16000)
-    long = load_clip(tmp_path / "long.wav", sample_rate=16000, n_samples=16000)
+    short = load_clips(tmp_path / "short.wav", sample_rate=16000, n_samples=16000)[0]
+    long = load_clips(tmp_path / "long.wav", sample_rate=16000, n_samples=16000)[0]
     assert np.allclose(short[:4000], 0.25) and not short[4000:].any()
     assert long.shape == (16000,) and np.allclose(long, 0.25)
 
@@ -95,7 +95,7 @@ def test_short_clip_is_zero_padded_and_long_clip_trimmed(tmp_path):
 def test_undecodable_file_is_named(tmp_path, content):
     (tmp_path / "bad.wav").write_bytes(content)
     with pytest.raises(EsclabError, match="bad.wav"):
-        load_clip(tmp_path / "bad.wav", sample_rate=16000, n_samples=16000)
+        load_clips(tmp_path / "bad.wav", sample_rate=16000, n_samples=16000)[0]
 
 
 def test_failed_build_leaves_no_output(split_csv, tmp_path):
@@ -118,7 +118,7 @@ def test_nan_samples_are_refused_naming_the_file(tmp_path):
     samples[100] = np.nan
     sf.write(tmp_path / "nan.wav", samples, 16000, subtype="FLOAT")
     with pytest.raises(EsclabError, match="nan.wav decodes to NaN or infinite samples"):
-        load_clip(tmp_path / "nan.wav", sample_rate=16000, n_samples=16000)
+        load_clips(tmp_path / "nan.wav", sample_rate=16000, n_samples=16000)[0]
 
 
 @pytest.mark.parametrize("normalize", ["none", "per_clip"])

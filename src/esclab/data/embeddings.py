@@ -6,7 +6,8 @@ choice. `features.json` names the backbones and the sha256 of their weights, so 
 cache made with other backbones or other weights is refused at train time, as a
 log-mel cache made with other settings is. Clips are decoded as for the log-mel
 (mono, resampled to each backbone's rate, zero-padded or trimmed to
-`features.duration`); a clip shorter than one window is padded to one.
+`features.duration`, or cut into windows of that length: `features.clips=windows`,
+data/clips.py); a clip shorter than one backbone window is padded to one.
 
 Several backbones (`features.backbones: [yamnet, aisfx]`) make one cache of their
 embeddings side by side. Their windows differ (YAMNet: 0.96 s every 0.48 s; aiSFX:
@@ -27,7 +28,8 @@ from tqdm import tqdm
 
 from esclab.atomic import atomic_dir
 from esclab.data.audio import decode
-from esclab.data.features import fit
+from esclab.data.clips import cache_rows, check_clips, file_starts, recorded
+from esclab.data.features import cut
 from esclab.errors import EsclabError
 from esclab.models.backbones import BACKBONES, build_backbone
 
@@ -42,6 +44,11 @@ class EmbeddingSettings:
     backbones: list[str]
     weights_sha256: dict[str, str]
     duration: float
+    clips: str = "pad"
+    hop: float | None = None
+
+    def __post_init__(self):
+        check_clips(self.clips, self.hop)
 
 
 def backbone_names(features) -> list[str]:
@@ -62,7 +69,8 @@ def embedding_settings(features) -> EmbeddingSettings:
     """The settings of a `conf/features/<name>.yaml` config, each weights file verified against its pin."""
     names, weights = backbone_names(features), features.weights or {}
     sha256 = {name: BACKBONES[name].pinned.checked(weights.get(name))[1] for name in names}
-    return EmbeddingSettings(backbones=names, weights_sha256=sha256, duration=features.duration)
+    return EmbeddingSettings(backbones=names, weights_sha256=sha256, duration=features.duration,
+                             clips=features.clips, hop=features.hop)
 
 
 def grid_indices(counts: list[int], backbones: list) -> list[np.ndarray]:
@@ -81,12 +89,17 @@ def on_one_grid(parts: list[np.ndarray], backbones: list) -> np.ndarray:
 
 
 def embed(mono: np.ndarray, rate: int, backbones: list, duration: float) -> np.ndarray:
-    """One clip's (windows x dim) embeddings, every backbone fed the clip at its own rate."""
-    parts = []
-    for backbone in backbones:
-        clip = fit(mono, rate, sample_rate=backbone.sample_rate, n_samples=round(duration * backbone.sample_rate))
-        parts.append(backbone(clip)[0])
-    return on_one_grid(parts, backbones)
+    """One clip's (windows x dim) embeddings: the recording zero-padded or trimmed to `duration`."""
+    return embed_clips(mono, rate, backbones, duration, [0.0])[0]
+
+
+def embed_clips(mono: np.ndarray, rate: int, backbones: list, duration: float, starts: list[float]) -> np.ndarray:
+    """A recording's clips' (clips x windows x dim) embeddings, a clip of `duration` from each start (seconds),
+    every backbone fed the recording resampled once to its own rate."""
+    cuts = [cut(mono, rate, sample_rate=b.sample_rate, n_samples=round(duration * b.sample_rate), starts=starts)
+            for b in backbones]
+    return np.stack([on_one_grid([backbone(clips[i])[0] for backbone, clips in zip(backbones, cuts)], backbones)
+                     for i in range(len(starts))])
 
 
 def write_embeddings(split_csv: Path, out_dir: Path, features) -> Path:
@@ -94,24 +107,26 @@ def write_embeddings(split_csv: Path, out_dir: Path, features) -> Path:
     weights = features.weights or {}
     backbones = [build_backbone(name, weights.get(name)) for name in backbone_names(features)]  # each verifies its file
     settings = EmbeddingSettings(backbones=[b.name for b in backbones],
-                                 weights_sha256={b.name: b.sha256 for b in backbones}, duration=features.duration)
-    table = pd.read_csv(split_csv)
+                                 weights_sha256={b.name: b.sha256 for b in backbones}, duration=features.duration,
+                                 clips=features.clips, hop=features.hop)
+    table = cache_rows(pd.read_csv(split_csv), settings)
     label = "+".join(settings.backbones)
     with atomic_dir(out_dir) as tmp:
-        out = None
-        for row, path in enumerate(tqdm(table["path"], desc=f"features ({label})", unit="clip")):
-            embeddings = embed(*decode(path), backbones, settings.duration)
+        out, first = None, 0
+        for path, starts in tqdm(file_starts(table), desc=f"features ({label})", unit="file"):
+            embeddings = embed_clips(*decode(path), backbones, settings.duration, starts)
             if out is None:
-                shape = (len(table), *embeddings.shape)
+                shape = (len(table), *embeddings.shape[1:])
                 out = np.lib.format.open_memmap(tmp / ARRAY, mode="w+", dtype=np.float16, shape=shape)
-            out[row] = embeddings
+            out[first:first + len(embeddings)] = embeddings
+            first += len(embeddings)
         if not np.isfinite(out).all():
             raise EsclabError(f"{label} embeddings of {split_csv} overflowed float16: "
                               "the weights or the clips are not what they should be")
         out.flush()
         del out
         table.to_csv(tmp / "index.csv", index=False)
-        meta = {"representation": "embedding", "array": ARRAY, "settings": asdict(settings),
+        meta = {"representation": "embedding", "array": ARRAY, "settings": recorded(asdict(settings)),
                 "shape": list(shape), "dtype": "float16"}
         (tmp / "features.json").write_text(json.dumps(meta, indent=2) + "\n")
     log.info("features: %d clips -> %s float16 %s embeddings in %s", len(table), shape, label, out_dir)

@@ -1,18 +1,20 @@
-"""The features stage: every clip decoded once into one float16 array, log-mel or waveform.
+"""The features stage: every file decoded once into rows of one float16 array, log-mel or waveform.
 
-Worker processes (one per core, one thread each) decode clips with soundfile, mix
-to mono, resample, pad or trim, apply the representation's transform with torch on
+Worker processes (one per core, one thread each) decode files with soundfile, mix
+to mono, resample, cut each file's clips (the file padded or trimmed, or its windows:
+`features.clips`, data/clips.py), apply the representation's transform with torch on
 the chosen device (on a GPU each worker holds its own CUDA context) and write the
 rows straight into the memory-mapped output. The result is `logmel.npy` (clips x
 n_mels x frames) or `waveform.npy` (clips x samples, data/waveforms.py), float16,
-rows in split-table order, read memory-mapped at train time; `index.csv` (the split
-table rows, same order) and `features.json` (the settings that made it, to detect a
-stale cache).
+rows in split-table order (a file's windows one after another), read memory-mapped at
+train time; `index.csv` (the split table's rows, one per clip, same order; with windows
+each has its `start`) and `features.json` (the settings that made it, to detect a stale cache).
 """
 
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -25,6 +27,7 @@ from tqdm import tqdm
 
 from esclab.atomic import atomic_dir
 from esclab.data.audio import decode, pad_or_trim
+from esclab.data.clips import cache_rows, check_clips, file_starts, recorded
 from esclab.errors import EsclabError
 
 log = logging.getLogger(__name__)
@@ -43,6 +46,8 @@ class LogMelSettings:
     f_max: float | None = None
     top_db: float | None = 80.0
     normalize: str = "none"
+    clips: str = "pad"
+    hop: float | None = None
 
     def __post_init__(self):
         for name in ("sample_rate", "n_fft", "hop_length", "n_mels"):
@@ -52,6 +57,7 @@ class LogMelSettings:
             raise EsclabError(f"features.duration must be positive seconds, got {self.duration}")
         if self.normalize not in ("none", "per_clip"):
             raise EsclabError(f"features.normalize must be one of none, per_clip; got {self.normalize!r}")
+        check_clips(self.clips, self.hop)
 
     @classmethod
     def from_config(cls, features) -> "LogMelSettings":
@@ -79,7 +85,7 @@ class LogMelSettings:
 
     def described(self) -> dict:
         """features.json's description of the cache (a log-mel cache's is the oldest: it names no representation)."""
-        return {"settings": asdict(self)}
+        return {"settings": recorded(asdict(self))}
 
 
 class LogMel(torch.nn.Module):
@@ -112,14 +118,25 @@ class LogMel(torch.nn.Module):
 
 def fit(mono: np.ndarray, rate: int, *, sample_rate: int, n_samples: int) -> np.ndarray:
     """Resample a mono waveform to `sample_rate`, then zero-pad or trim it to `n_samples`."""
+    return cut(mono, rate, sample_rate=sample_rate, n_samples=n_samples, starts=[0.0])[0]
+
+
+def cut(mono: np.ndarray, rate: int, *, sample_rate: int, n_samples: int, starts: Sequence[float]) -> np.ndarray:
+    """A mono waveform's clips (len(starts) x n_samples, float32): resampled to `sample_rate` once, then `n_samples`
+    from each start (seconds), zero-padded where the audio ends.
+
+    Cutting after resampling the whole file gives each window's edges the filter response of the audio around
+    them, as a padded clip's are, and resamples each file once however many windows it has.
+    """
     if rate != sample_rate:
         mono = torchaudio.functional.resample(torch.from_numpy(mono), rate, sample_rate).numpy()
-    return pad_or_trim(mono, n_samples)
+    return np.stack([pad_or_trim(mono[round(start * sample_rate):], n_samples) for start in starts])
 
 
-def load_clip(path: str | Path, *, sample_rate: int, n_samples: int) -> np.ndarray:
-    """Decode one file to mono float32 at `sample_rate`, zero-padded or trimmed to `n_samples`."""
-    return fit(*decode(path), sample_rate=sample_rate, n_samples=n_samples)
+def load_clips(path: str | Path, *, sample_rate: int, n_samples: int, starts: Sequence[float] = (0.0,)) -> np.ndarray:
+    """Decode one file to mono float32 at `sample_rate`: its clips of `n_samples` from each start (seconds; by
+    default the one clip from 0, the file zero-padded or trimmed)."""
+    return cut(*decode(path), sample_rate=sample_rate, n_samples=n_samples, starts=starts)
 
 
 def pick_device(device: str) -> torch.device:
@@ -136,38 +153,55 @@ def pick_device(device: str) -> torch.device:
 _worker: dict = {}
 
 
-def _start_worker(npy_path: Path, settings, device: torch.device, threads: int | None) -> None:
+def _start_worker(npy_path: Path, settings, device: torch.device, batch_size: int, threads: int | None) -> None:
     if threads:
         torch.set_num_threads(threads)
     _worker.update(out=np.load(npy_path, mmap_mode="r+"), transform=settings.transform().to(device),
-                   settings=settings, device=device)
+                   settings=settings, device=device, batch_size=batch_size)
 
 
-def _fill_rows(job: tuple[int, list[str]]) -> int:
-    """Decode a run of clips and write their transformed rows straight into the shared output file."""
-    start, paths = job
-    s = _worker["settings"]
-    waves = np.stack([load_clip(p, sample_rate=s.sample_rate, n_samples=s.n_samples) for p in paths])
-    with torch.inference_mode():
-        mels = _worker["transform"](torch.from_numpy(waves).to(_worker["device"]).unsqueeze(1))
-    _worker["out"][start:start + len(paths)] = mels.squeeze(1).to(torch.float16).cpu().numpy()
-    return len(paths)
+def _fill_rows(job: tuple[int, list[tuple[str, list[float]]]]) -> int:
+    """Decode a run of files and write their clips' transformed rows straight into the shared output file, from
+    row `first` on, `batch_size` clips per transform call (a long file's many windows too)."""
+    first, files = job
+    s, size = _worker["settings"], _worker["batch_size"]
+    waves = np.concatenate([load_clips(path, sample_rate=s.sample_rate, n_samples=s.n_samples, starts=starts)
+                            for path, starts in files])
+    for start in range(0, len(waves), size):
+        with torch.inference_mode():
+            rows = _worker["transform"](torch.from_numpy(waves[start:start + size]).to(_worker["device"]).unsqueeze(1))
+        _worker["out"][first + start:first + start + len(rows)] = rows.squeeze(1).to(torch.float16).cpu().numpy()
+    return len(files)
 
 
-def compute_rows(paths: list[str], settings, npy_path: Path, *,
+def runs_of_files(files: list[tuple[str, list[float]]], batch_size: int) -> list[tuple[int, list]]:
+    """The workers' jobs: runs of whole files (path, clip starts) of at least `batch_size` clips each (the last
+    may have fewer), with the row each run's first clip goes to."""
+    jobs, first, run, count = [], 0, [], 0
+    for path, starts in files:
+        run.append((path, starts))
+        count += len(starts)
+        if count >= batch_size:
+            jobs.append((first, run))
+            first, run, count = first + count, [], 0
+    return jobs + [(first, run)] if run else jobs
+
+
+def compute_rows(files: list[tuple[str, list[float]]], settings, npy_path: Path, *,
                  device: torch.device, batch_size: int, num_workers: int) -> None:
-    """Fill the .npy at `npy_path` (len(paths) x settings.row_shape, already allocated) in row order.
+    """Fill the .npy at `npy_path` (one row per clip start of `files` x settings.row_shape, already allocated) in
+    row order.
 
-    Worker processes each decode and transform runs of `batch_size` clips and write
+    Worker processes each decode and transform runs of about `batch_size` clips and write
     them into the memory-mapped file themselves, so no audio crosses a pipe.
     """
-    jobs = [(i, paths[i:i + batch_size]) for i in range(0, len(paths), batch_size)]
-    with tqdm(total=len(paths), desc="features", unit="clip") as bar:
+    jobs = runs_of_files(files, batch_size)
+    with tqdm(total=len(files), desc="features", unit="file") as bar:
         if num_workers == 0:  # everything in this process: slower, but easy to debug
-            _start_worker(npy_path, settings, device, threads=None)
+            _start_worker(npy_path, settings, device, batch_size, threads=None)
             done = map(_fill_rows, jobs)
         else:  # one thread per process: the processes already fill the cores
-            pool = get_context("spawn").Pool(num_workers, _start_worker, (npy_path, settings, device, 1))
+            pool = get_context("spawn").Pool(num_workers, _start_worker, (npy_path, settings, device, batch_size, 1))
             done = pool.imap_unordered(_fill_rows, jobs)
         try:
             for count in done:
@@ -184,7 +218,7 @@ def write_features(split_csv: Path, out_dir: Path, settings, *, device: str = "a
     `settings` is a LogMelSettings or a WaveformSettings (data/waveforms.py): each names
     its array file, its row shape, its torch transform and its description.
     """
-    table = pd.read_csv(split_csv)
+    table = cache_rows(pd.read_csv(split_csv), settings)
     torch_device = pick_device(device)
     if batch_size is None:
         # Measured on 2 CPU cores: one 5-s clip per call ran ~7x faster than 64 per call
@@ -197,7 +231,7 @@ def write_features(split_csv: Path, out_dir: Path, settings, *, device: str = "a
     shape = (len(table), *settings.row_shape)
     with atomic_dir(out_dir) as tmp:
         np.lib.format.open_memmap(tmp / settings.array, mode="w+", dtype=np.float16, shape=shape).flush()
-        compute_rows(table["path"].tolist(), settings, tmp / settings.array, device=torch_device,
+        compute_rows(file_starts(table), settings, tmp / settings.array, device=torch_device,
                      batch_size=batch_size, num_workers=num_workers)
         array = np.load(tmp / settings.array, mmap_mode="r")
         if not np.isfinite(array).all():
@@ -206,5 +240,6 @@ def write_features(split_csv: Path, out_dir: Path, settings, *, device: str = "a
         table.to_csv(tmp / "index.csv", index=False)
         meta = settings.described() | {"shape": list(shape), "dtype": "float16"}
         (tmp / "features.json").write_text(json.dumps(meta, indent=2) + "\n")
-    log.info("features: %d clips -> %s float16 array in %s", len(table), shape, out_dir)
+    log.info("features: %d files, %d clips -> %s float16 array in %s", table["path"].nunique(), len(table), shape,
+             out_dir)
     return out_dir

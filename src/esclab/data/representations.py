@@ -6,6 +6,9 @@
 - `embedding` (data/embeddings.py): clips x windows x dim of frozen pretrained
   backbones (`features=yamnet`, `aisfx`, `yamnet_aisfx`), for the heads (`model=ffn`, `svm`, `logistic`).
 
+Each cuts files into rows the same way (`features.clips`: a row per file padded or
+trimmed, or a row per window; data/clips.py).
+
 A learner names what it reads in `conf/model/<name>.yaml` (`input:`); training
 refuses a mismatch, or a cache built with other settings, before it starts.
 """

@@ -22,6 +22,7 @@ import torch
 from sklearn.model_selection import StratifiedGroupKFold
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from esclab.data.clips import BEFORE_WINDOWS
 from esclab.errors import EsclabError
 from esclab.training.seeding import derived_seed, epoch_permutation
 
@@ -129,7 +130,7 @@ def check_cache(features_dir: Path, representation: str, settings: dict) -> None
     if cached != representation:
         raise EsclabError(f"{features_dir} holds {cached} features, but features.representation={representation}: "
                           "rebuild it with `dvc repro features`")
-    built = meta["settings"]
+    built = BEFORE_WINDOWS | meta["settings"]
     changed = {k: (built.get(k), v) for k, v in settings.items() if k in built and built[k] != v}
     if changed:
         diff = ", ".join(f"features.{k}={now} (cache has {was})" for k, (was, now) in changed.items())
@@ -182,10 +183,12 @@ class FoldData(L.LightningDataModule):
         if not 0 < self.val_fraction < 1:
             raise EsclabError(f"train.val_fraction must be between 0 and 1, got {self.val_fraction}")
         labels = self.index["label"].to_numpy()[rows]
-        # One of n_splits folds is the validation share; a class needs a clip in each of them.
-        n_splits = min(round(1 / self.val_fraction), np.bincount(labels).min())
+        # One of n_splits folds is the validation share; a class needs a file in each of them (a file cut into
+        # windows is many rows, but one group below: its windows stay on one side).
+        files = self.index.loc[rows].drop_duplicates("filename")
+        n_splits = min(round(1 / self.val_fraction), np.bincount(files["label"]).min())
         if n_splits < 2:
-            raise EsclabError(f"a class has fewer than 2 training clips outside fold {self.test_fold}, too few to "
+            raise EsclabError(f"a class has fewer than 2 training files outside fold {self.test_fold}, too few to "
                               "carve a validation set: set train.val_fold to a fold number instead")
         splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=self.seed)
         groups = self.index["src_file"].astype(str).to_numpy()[rows] + "/" + labels.astype(str)

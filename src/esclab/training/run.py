@@ -137,7 +137,7 @@ def train_fold(cfg: DictConfig, fold: int, tracker: Tracker) -> pd.DataFrame:
         with atomic_file(record) as tmp:  # written last: the fold counts as finished only once it exists
             tmp.write_text(json.dumps({"run_key": tracker.key, "test_acc": accuracy}, indent=2) + "\n")
     shutil.rmtree(Path(cfg.paths.models) / f".fold_{fold}", ignore_errors=True)
-    log.info("fold %d: test accuracy %.4f (%d clips)", fold, accuracy, len(predictions))
+    log.info("fold %d: test accuracy %.4f (%d files)", fold, accuracy, len(predictions))
     return predictions
 
 
@@ -240,9 +240,19 @@ def resume_point(work: Path, key: str) -> Path | None:
 
 
 def prediction_table(index: pd.DataFrame, rows: np.ndarray, probs: np.ndarray) -> pd.DataFrame:
-    table = index.loc[rows, ["filename", "fold", "label"]].reset_index(drop=True)
+    """predictions.csv: one row per file of the cache's `rows` (filename, fold, label, pred, prob_<class>...).
+
+    A file cut into windows (features.clips=windows) has a row per window; its probabilities are the mean of its
+    windows' probabilities, the rule `esclab predict` applies to a long recording, so a fold's predictions are
+    those of the files a practitioner has, as evaluate pools them. A padded file's one row is its own mean.
+    """
+    clips = index.loc[rows, ["filename", "fold", "label"]].reset_index(drop=True)
+    table = clips.drop_duplicates("filename").reset_index(drop=True)
+    columns = [f"prob_{i}" for i in range(probs.shape[1])]
+    mean = pd.DataFrame(probs, columns=columns).groupby(clips["filename"], sort=False).mean()
+    probs = mean.loc[table["filename"]].to_numpy()
     table["pred"] = probs.argmax(axis=1)
-    return pd.concat([table, pd.DataFrame(probs, columns=[f"prob_{i}" for i in range(probs.shape[1])])], axis=1)
+    return pd.concat([table, pd.DataFrame(probs, columns=columns)], axis=1)
 
 
 def write_csv(table: pd.DataFrame, path: Path) -> None:
