@@ -28,7 +28,8 @@ from esclab.models.backbones import BACKBONES
 def measure(backbones: list[str], split: Path, warm: Path, clips: int, tmp: Path) -> dict:
     """One features stage over `split` with these backbones, in a fresh process: its speed, cache and peak RSS."""
     features = OmegaConf.create({"representation": "embedding", "backbones": backbones,
-                                 "weights": dict.fromkeys(backbones), "duration": 5.0})
+                                 "weights": dict.fromkeys(backbones), "duration": 5.0, "clips": "pad",
+                                 "hop": None})
     name = "+".join(backbones)
     write_embeddings(warm, tmp / f"warm-{name}", features)
     start = time.perf_counter()

@@ -89,7 +89,7 @@ def test_two_cpu_runs_with_the_same_seed_are_identical(tiny_data, tmp_path):
 
 def test_fold_out_of_range_is_refused(tiny_data, tmp_path):
     cfg = compose_config(*tiny_overrides(tiny_data, tmp_path, "fold=7"))
-    with pytest.raises(EsclabError, match="fold=7 is not a fold: use 1..5"):
+    with pytest.raises(EsclabError, match="fold=7 is not a test fold of dataset=synthetic: use one of 1, 2, 3, 4, 5, or fold=null"):
         train(cfg)
 
 
