@@ -125,3 +125,24 @@ def test_missing_metadata_is_one_line_from_the_cli(raw, tmp_path):
     assert [line for line in result.stderr.splitlines() if line.strip()] == [
         f"esclab: error: {raw / METADATA} not found: an UrbanSound8K folder holds {METADATA} and audio/fold1..fold10/; "
         "fix the dataset (or delete data/raw and rerun `dvc repro download`)"]
+
+
+def test_a_pretrained_backbone_and_head_train_on_its_folds(us8k_tree, tmp_path):
+    """Frozen YAMNet + a linear SVM on the synthetic UrbanSound8K's folds (cnn4 runs on them in test_pipeline.py):
+    fold 3 held out, every one of its slices predicted."""
+    from conftest import compose_config
+
+    from esclab.data.representations import write_cache
+    from esclab.training.run import train
+
+    table = write_urbansound_split(us8k_tree, tmp_path / "split.csv", **ARGS)
+    cfg = compose_config("experiment=yamnet_svm", "dataset=synthetic_urbansound8k", "fold=3", "features.duration=1.5",
+                         "model.C=[0.01]", "tracking.log_model=false", f"paths.raw={us8k_tree}",
+                         f"paths.split={tmp_path / 'split.csv'}", f"paths.features={tmp_path / 'features'}",
+                         f"paths.models={tmp_path / 'models'}", f"paths.reports={tmp_path / 'reports'}",
+                         f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}")
+    write_cache(tmp_path / "split.csv", tmp_path / "features", cfg.features)
+    train(cfg)
+    predictions = pd.read_csv(tmp_path / "reports/folds/3/predictions.csv")
+    assert sorted(predictions["filename"]) == sorted(table.loc[table["fold"] == 3, "filename"])
+    assert predictions.filter(like="prob_").shape[1] == len(URBANSOUND_CLASSES)
