@@ -92,6 +92,12 @@ class Settings:
         object.__setattr__(self, "snr_db", snr_db)
 
 
+def _recording(rng: np.random.Generator, snr_db: tuple[float, float] = (10.0, 30.0)) -> dict:
+    """What the takes (or slices) of one source recording share: its detune, its level over the background (dB)
+    and the background's tint (_Clip's fields)."""
+    return dict(detune=rng.uniform(0.97, 1.03), snr_db=rng.uniform(*snr_db), tint=rng.uniform(0.5, 1.5))
+
+
 def _layout(rng: np.random.Generator, settings: Settings) -> list[_Clip]:
     """Every class in every fold, each recording's 1-3 takes in one fold so no fold split can leak."""
     n_folds, clips_per_class = settings.n_folds, settings.clips_per_class
@@ -107,7 +113,7 @@ def _layout(rng: np.random.Generator, settings: Settings) -> list[_Clip]:
     ids = rng.choice(900_000, size=len(recordings), replace=False) + 100_000  # six digits, like Freesound's
     clips = []
     for (target, fold, takes), src in zip(recordings, ids.tolist()):
-        shared = dict(detune=rng.uniform(0.97, 1.03), snr_db=rng.uniform(*settings.snr_db), tint=rng.uniform(0.5, 1.5))
+        shared = _recording(rng, settings.snr_db)
         clips += [_Clip(fold, src, "ABC"[i], target, **shared) for i in range(takes)]
     return sorted(clips, key=lambda c: c.filename)
 
@@ -281,6 +287,17 @@ def _fixed_ogg_serial(data: bytes) -> bytes:
     return bytes(out)
 
 
+def _sound_file(audio: np.ndarray, rate: int, *, stereo: bool, fmt: str = "WAV", subtype: str = "PCM_16") -> bytes:
+    """A rendered recording (_render's 16-bit scale) as a sound file's bytes in `fmt` / `subtype`; stereo as a
+    stereo recorder gives it, the right channel a little quieter. Ogg's random stream serial is fixed."""
+    audio = audio.astype(np.float32) / 32768
+    if stereo:
+        audio = np.stack([audio, 0.8 * audio], axis=1)
+    buffer = io.BytesIO()
+    sf.write(buffer, audio, rate, format=fmt, subtype=subtype)
+    return _fixed_ogg_serial(buffer.getvalue()) if fmt == "OGG" else buffer.getvalue()
+
+
 def _folder_members(settings: FolderSettings) -> Iterator[tuple[str, bytes]]:
     """(path under the root, bytes) of every file: `<class>/[session_2/]<source>_<take>.<ext>`.
 
@@ -295,20 +312,17 @@ def _folder_members(settings: FolderSettings) -> Iterator[tuple[str, bytes]]:
             takes = min(left, int(rng.integers(1, 4)))
             left -= takes
             source += 1
-            shared = dict(detune=rng.uniform(0.97, 1.03), snr_db=rng.uniform(10, 30), tint=rng.uniform(0.5, 1.5))
+            shared = _recording(rng)
             folder = f"{name}/session_2/" if left < count / 2 else f"{name}/"
             for take in range(1, takes + 1):
                 clip = _Clip(1, source, str(take), target, **shared)
                 extension, fmt, subtype = FOLDER_FORMATS[int(rng.integers(len(FOLDER_FORMATS)))]
                 sr = FOLDER_RATES[int(rng.integers(len(FOLDER_RATES)))]
                 n = max(1, round(rng.uniform(*settings.duration) * sr))
-                audio = _render(clip, rng, n, sr, 1.0).astype(np.float32) / 32768
-                if rng.random() < 0.3:  # a stereo recorder: the right channel a little quieter
-                    audio = np.stack([audio, 0.8 * audio], axis=1)
-                buffer = io.BytesIO()
-                sf.write(buffer, audio, sr, format=fmt, subtype=subtype)
-                data = _fixed_ogg_serial(buffer.getvalue()) if fmt == "OGG" else buffer.getvalue()
-                yield f"{folder}{name}{source:03d}_{take}.{extension}", data
+                audio = _render(clip, rng, n, sr, 1.0)
+                stereo = rng.random() < 0.3
+                yield f"{folder}{name}{source:03d}_{take}.{extension}", _sound_file(audio, sr, stereo=stereo, fmt=fmt,
+                                                                                   subtype=subtype)
 
 
 def write_folder_tree(root: Path, **settings) -> Path:
@@ -375,17 +389,13 @@ def _urbansound_members(settings: UrbanSoundSettings) -> Iterator[tuple[str, byt
                 fs_id, occurrence, at = next(ids), int(rng.integers(0, 5)), rng.uniform(0, 60)
                 sr, subtype = URBANSOUND_FORMATS[int(rng.integers(len(URBANSOUND_FORMATS)))]
                 stereo, salience = rng.random() < 0.4, int(rng.integers(1, 3))  # 1 foreground, 2 background
-                shared = dict(detune=rng.uniform(0.97, 1.03), snr_db=rng.uniform(10, 30), tint=rng.uniform(0.5, 1.5))
+                shared = _recording(rng)
                 for slice_id in range(n_slices):
                     seconds = rng.uniform(*settings.duration)
                     audio = _render(_Clip(fold, fs_id, str(slice_id), class_id, **shared), rng,
-                                    max(1, round(seconds * sr)), sr, 1.0).astype(np.float32) / 32768
-                    if stereo:  # the right channel a little quieter
-                        audio = np.stack([audio, 0.8 * audio], axis=1)
-                    buffer = io.BytesIO()
-                    sf.write(buffer, audio, sr, format="WAV", subtype=subtype)
+                                    max(1, round(seconds * sr)), sr, 1.0)
                     file_name = f"{fs_id}-{class_id}-{occurrence}-{slice_id}.wav"
-                    wavs[f"audio/fold{fold}/{file_name}"] = buffer.getvalue()
+                    wavs[f"audio/fold{fold}/{file_name}"] = _sound_file(audio, sr, stereo=stereo, subtype=subtype)
                     rows.append(f"{file_name},{fs_id},{at:.6f},{at + seconds:.6f},{salience},{fold},{class_id},{name}")
                     at += seconds
     yield "", None
