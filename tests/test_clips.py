@@ -12,7 +12,6 @@ from conftest import compose_config
 
 from esclab.data.clips import window_starts, windows
 from esclab.data.representations import cache_settings, write_cache
-from esclab.data.synthetic import write_folder_tree
 from esclab.errors import EsclabError
 from esclab.training.data import check_cache
 from esclab.training.run import prediction_table
@@ -147,7 +146,7 @@ def test_a_files_probability_is_the_mean_of_its_windows():
     assert list(table["pred"]) == [1, 1, 0]
 
 
-def test_train_on_windows_predicts_each_file_once_from_its_own_fold(tmp_path):
+def test_train_on_windows_predicts_each_file_once_from_its_own_fold(folder_tree, tmp_path):
     """dataset=synthetic_folder (files of 0.5-4 s) in 1-s windows every 0.5 s, every file its own source (src_file
     is the file name): a file's windows share its fold, never straddle training and validation, and each fold's
     predictions.csv has one row per file; the trained model predicts a long file by its windows."""
@@ -156,7 +155,7 @@ def test_train_on_windows_predicts_each_file_once_from_its_own_fold(tmp_path):
     from esclab.serving.sources import load_model
     from esclab.training.run import fold_data, train
 
-    tree = write_folder_tree(tmp_path / "tree")
+    tree = folder_tree  # read only
     table = write_folder_split(tree, tmp_path / "split.csv", n_folds=3)
     paths = [f"paths.raw={tree}", f"paths.split={tmp_path / 'split.csv'}", f"paths.features={tmp_path / 'features'}",
              f"paths.models={tmp_path / 'models'}", f"paths.reports={tmp_path / 'reports'}"]
