@@ -1,6 +1,6 @@
 """Pretrained networks used frozen: each turns a waveform into per-window embeddings, from pinned weights.
 
-A backbone class has `name`, `sample_rate`, `pinned` (its PinnedWeights, weights.py:
+A backbone class has `name`, `sample_rate`, `pinned` (its PinnedWeights, weights.py, or HubWeights, hub.py:
 `pinned.checked(weights) -> (path, sha256)` refuses a file that is not the pinned one),
 `window_centres(n) -> seconds` and, once built, `weights`, `sha256` and
 `__call__(waveform) -> (embeddings windows x dim, class scores or None)`.
