@@ -83,6 +83,10 @@ def test_parent_run_is_running_until_evaluate_failed_with_a_fold_and_spans_its_f
         parent = next(r for r in runs if r.data.tags["esclab.fold"] == "all")
         return parent, {r.data.tags["esclab.fold"]: r for r in runs if r is not parent}
 
+    # Run from elsewhere: MLflow's default artifact root, ./mlruns, follows the working directory, so an embedded
+    # database would scatter its runs' files over every folder a command ran in (the suite's over the checkout).
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
     overrides = tiny_overrides(tiny_data, tmp_path, "trainer.max_epochs=1", "tracking.log_model=false")
     train(compose_config(*overrides, "fold=1"))
     parent, children = parent_and_children()
@@ -104,3 +108,5 @@ def test_parent_run_is_running_until_evaluate_failed_with_a_fold_and_spans_its_f
     assert parent.info.start_time <= min(c.info.start_time for c in children.values())
     assert parent.info.end_time >= max(c.info.end_time for c in children.values())
     assert "accuracy_mean" in parent.data.metrics
+    assert parent.info.artifact_uri.startswith((tmp_path / "mlruns").as_uri())  # beside mlflow.db
+    assert list((tmp_path / "mlruns").rglob("metrics.json")) and not (tmp_path / "elsewhere/mlruns").exists()

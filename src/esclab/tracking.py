@@ -52,6 +52,15 @@ def resolve_uri(configured: str | None) -> str:
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside an embedded database, so a project's runs and their files
+    stay together wherever the command runs (MLflow's default, ./mlruns, follows the working directory); a server
+    decides for itself (None)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlruns").as_uri()
+
+
 def ui_url(base: str, experiment_id: str) -> str:
     """The experiment's runs table in the MLflow UI's model-training view.
 
@@ -164,7 +173,8 @@ class Tracker:
         self.key = run_key(cfg, self.tags)
         experiment = self.client.get_experiment_by_name(cfg.tracking.experiment)
         self.experiment_id = (experiment.experiment_id if experiment
-                              else self.client.create_experiment(cfg.tracking.experiment))
+                              else self.client.create_experiment(cfg.tracking.experiment,
+                                                                 artifact_location=artifact_location(self.uri)))
         self.parent_id = self._find_or_create(parent=None)
 
     def ui_url(self) -> str:
