@@ -47,7 +47,9 @@ def test_the_stem_keeps_imagenets_filters_summed_over_rgb_and_the_last_layer_fit
     assert not torch.equal(resnet(weights="none").network.layer4[1].conv2.weight, saved["layer4.1.conv2.weight"])
 
 
-def test_a_fold_trains_from_a_local_file_byte_identically_and_records_its_sha256(weights, tiny_data, tmp_path):
+def test_a_fold_trains_from_a_local_file_byte_identically_and_records_its_sha256(weights, tiny_data, tmp_path,
+                                                                                 monkeypatch):
+    monkeypatch.chdir(tmp_path)  # MLflow's artifacts (the ~130 MB checkpoints) go to ./mlruns: removed with tmp_path
     copy = Path(shutil.copyfile(weights, tmp_path / "resnet18.pth"))
     outputs = []
     for run in ("a", "b"):
