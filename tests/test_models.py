@@ -78,8 +78,8 @@ def test_too_small_input_is_refused():
 
 
 def test_unknown_model_is_refused_with_the_choices():
-    with pytest.raises(EsclabError, match=r"model=resnet is not a known model; available: cnn4"):
-        build_model("resnet", n_classes=50, input_shape=SEED_SHAPE)
+    with pytest.raises(EsclabError, match=r"model=vit is not a known model; available: cnn4, ffn, resnet"):
+        build_model("vit", n_classes=50, input_shape=SEED_SHAPE)
 
 
 def test_every_config_key_is_a_constructor_argument():
@@ -100,7 +100,8 @@ def test_every_model_config_builds_and_names_what_it_reads(path):
         assert candidates(config["name"], seed=0, **model_settings(config))
     else:
         shape = (32, 126) if config["input"] == "logmel" else (10, 1024)
-        assert build_model(config["name"], n_classes=5, input_shape=shape, **model_settings(config))
+        # Not pretrained: the architecture the config names, without downloading ImageNet's weights (test_resnet.py).
+        assert build_model(config["name"], n_classes=5, input_shape=shape, pretrained=False, **model_settings(config))
 
 
 def test_even_kernel_is_refused():

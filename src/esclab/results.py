@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from esclab.atomic import atomic_file
 from esclab.errors import EsclabError
 from esclab.params import recorded_overrides
-from esclab.tracking import FOLD_TAG, HARDWARE_TAG, KEY_TAG, data_tags, hardware, resolve_uri, run_key
+from esclab.tracking import FOLD_TAG, HARDWARE_TAG, KEY_TAG, data_tags, hardware, resolve_uri, run_key, weights_tags
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def machine_of(cfg: DictConfig, md5s: dict[str, str]) -> str:
     uri = resolve_uri(cfg.tracking.uri)
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(cfg.tracking.experiment)
-    key = run_key(cfg, data_tags(cfg.paths, md5s))
+    key = run_key(cfg, data_tags(cfg.paths, md5s) | weights_tags(cfg.model))
     found = experiment and client.search_runs(
         [experiment.experiment_id], f"tags.`{KEY_TAG}` = '{key}' and tags.`{FOLD_TAG}` = 'all'", max_results=1)
     if found and HARDWARE_TAG in found[0].data.tags:

@@ -41,6 +41,7 @@ DEFAULT_URI = "sqlite:///mlflow.db"
 KEY_TAG = "esclab.run_key"
 FOLD_TAG = "esclab.fold"
 HARDWARE_TAG = "esclab.hardware"
+WEIGHTS_TAG = "model.weights.sha256"
 DATA = ("raw", "split", "features")  # the paths.* whose DVC hashes tag every run
 UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
 SKOPS_TRUSTED = ["esclab.models.heads.pool", "functools.partial", "sklearn.calibration._CalibratedClassifier",
@@ -113,6 +114,18 @@ def backbone_tags(features_dir: Path) -> dict[str, str]:
     return {"backbone": "+".join(settings["backbones"])} | hashes
 
 
+def weights_tags(model: DictConfig) -> dict[str, str]:
+    """The sha256 of the pretrained weights file a network starts from (model.weights; none from random weights).
+
+    Like the data's hashes it is part of the run key: other bytes under the same
+    path are another run, and a fold trained from the old ones is not reused.
+    """
+    from esclab.models import pretrained_sha256
+
+    sha256 = pretrained_sha256(OmegaConf.to_container(model, resolve=True))
+    return {WEIGHTS_TAG: sha256} if sha256 else {}
+
+
 def git_tags() -> dict[str, str]:
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
@@ -145,11 +158,12 @@ def cpu_model() -> str:
 
 def run_key(cfg: DictConfig, data: dict[str, str]) -> str:
     """What makes two runs the same cross-validation: the config without `fold` and
-    `train.parallel_folds` (which folds run, and how many at once), and the data hashes."""
+    `train.parallel_folds` (which folds run, and how many at once), the data hashes and the pretrained weights'."""
     without_fold = OmegaConf.to_container(cfg, resolve=True)
     without_fold.pop("fold")
     without_fold["train"].pop("parallel_folds")
-    identity = json.dumps([without_fold, {k: v for k, v in data.items() if k.startswith("data.")}], sort_keys=True)
+    inputs = {k: v for k, v in data.items() if k.startswith("data.") or k == WEIGHTS_TAG}
+    identity = json.dumps([without_fold, inputs], sort_keys=True)
     return hashlib.sha256(identity.encode()).hexdigest()[:16]
 
 
@@ -168,8 +182,8 @@ class Tracker:
         mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient(self.uri)
         self.cfg = cfg
-        self.tags = (data_tags(cfg.paths) | backbone_tags(Path(cfg.paths.features)) | git_tags()
-                     | {HARDWARE_TAG: hardware()})
+        self.tags = (data_tags(cfg.paths) | backbone_tags(Path(cfg.paths.features)) | weights_tags(cfg.model)
+                     | git_tags() | {HARDWARE_TAG: hardware()})
         self.key = run_key(cfg, self.tags)
         experiment = self.client.get_experiment_by_name(cfg.tracking.experiment)
         self.experiment_id = (experiment.experiment_id if experiment

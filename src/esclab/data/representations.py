@@ -1,6 +1,6 @@
 """What the features stage caches, chosen by `features.representation`, and which learners read it.
 
-- `logmel` (data/features.py): clips x mels x frames, for the CNNs (`model=cnn4`).
+- `logmel` (data/features.py): clips x mels x frames, for the CNNs (`model=cnn4`, `resnet`).
 - `waveform` (data/waveforms.py): clips x samples, the decoded audio, for learners that
   read audio themselves (`features=waveform`; the fine-tuned pretrained models).
 - `embedding` (data/embeddings.py): clips x windows x dim of frozen pretrained
@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from esclab.errors import EsclabError
 
 REPRESENTATIONS = ("logmel", "waveform", "embedding")
-READERS = {"logmel": "model=cnn4", "waveform": "none in esclab yet: fine-tuned models will read it",
+READERS = {"logmel": "model=cnn4 or resnet", "waveform": "none in esclab yet: fine-tuned models will read it",
            "embedding": "model=ffn, svm or logistic"}
 CHOICES = {"logmel": "features=logmel", "waveform": "features=waveform",
            "embedding": "features=yamnet (or aisfx, yamnet_aisfx)"}

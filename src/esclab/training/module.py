@@ -23,18 +23,23 @@ class Classifier(L.LightningModule):
     """`feature_std` is the training split's log-mel std in dB (FoldData.std): augment.gain's unit.
     `preprocessing` is what a prediction must do to audio before this network sees it (serving/preprocessing.py);
     it is only kept, in the checkpoint's hyper-parameters. `class_weights` weigh each class's term of the training
-    loss (training/data.py's balanced_class_weights); None weighs them all 1."""
+    loss (training/data.py's balanced_class_weights); None weighs them all 1. `representation` is what the feature
+    cache holds (logmel, waveform, embedding), which decides how augmentations act. `pretrained` starts the network
+    from the weights its settings name; it is not kept, so a checkpoint rebuilds the network from random weights,
+    which its state dict then replaces, and needs no pretrained file where it is used."""
 
     def __init__(self, *, model: dict, n_classes: int, input_shape: tuple[int, int], optimizer: dict,
                  scheduler: dict | None = None, augment: dict | None = None, label_smoothing: float = 0.0,
-                 feature_std: float = 1.0, preprocessing: dict | None = None, class_weights: list[float] | None = None):
+                 feature_std: float = 1.0, preprocessing: dict | None = None, class_weights: list[float] | None = None,
+                 representation: str = "logmel", pretrained: bool = False):
         super().__init__()
         # Into the checkpoint only: the Tracker already logs the whole config to the fold's run, and Lightning's
         # copy would add every model/optimizer/augment key a second time, spelt with '/'.
-        self.save_hyperparameters(logger=False)
+        self.save_hyperparameters(logger=False, ignore=["pretrained"])
         layers = model_settings(model)
-        self.model = build_model(model["name"], n_classes=n_classes, input_shape=tuple(input_shape), **layers)
-        self.augment = Augment(augment or {}, std=feature_std)
+        self.model = build_model(model["name"], n_classes=n_classes, input_shape=tuple(input_shape),
+                                 pretrained=pretrained, **layers)
+        self.augment = Augment(augment or {}, std=feature_std, representation=representation)
         self.train_acc = MulticlassAccuracy(n_classes, average="micro")
         self.val_acc = MulticlassAccuracy(n_classes, average="micro")
         self.val_balanced_acc = MulticlassAccuracy(n_classes, average="macro")  # the mean of per-class recalls

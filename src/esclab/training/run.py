@@ -38,6 +38,7 @@ from esclab.models import model_settings
 from esclab.models.heads import HEADS, candidates, class_probabilities
 from esclab.serving.preprocessing import preprocessing_of
 from esclab.tracking import Tracker
+from esclab.training.augment import check as check_augment
 from esclab.training.data import FoldData, balanced_class_weights, check_cache
 from esclab.training.history import EpochHistory
 from esclab.training.module import Classifier
@@ -89,10 +90,12 @@ def speed_up(network: torch.nn.Module, *, channels_last: bool = False, compile: 
 def build_classifier(cfg: DictConfig, data: FoldData) -> Classifier:
     """The fold's module: network, optimizer, schedule, augmentation, loss and fast-path switches as `cfg` names them."""
     container = OmegaConf.to_container(cfg, resolve=True)
+    preprocessing = preprocessing_of(data)
     module = Classifier(model=container["model"], n_classes=data.n_classes, input_shape=data.input_shape,
                         optimizer=container["optimizer"], scheduler=container["scheduler"] or None,
                         augment=container["augment"], label_smoothing=cfg.train.label_smoothing, feature_std=data.std,
-                        preprocessing=preprocessing_of(data), class_weights=class_weights(cfg, data))
+                        preprocessing=preprocessing, class_weights=class_weights(cfg, data),
+                        representation=preprocessing["representation"], pretrained=True)
     speed_up(module.model, channels_last=cfg.train.channels_last, compile=cfg.train.compile)
     return module
 
@@ -267,6 +270,7 @@ def train(cfg: DictConfig) -> dict | None:
         raise EsclabError(f"fold={cfg.fold} is not a test fold of dataset={cfg.dataset.name}: use one of "
                           f"{', '.join(map(str, folds))}, or fold=null for all of them")
     check_learner(cfg.model, cfg.features)
+    check_augment(OmegaConf.to_container(cfg.augment), representation(cfg.features))
     if cfg.model.name in HEADS and cfg.train.sampler != "shuffle":
         raise EsclabError(f"train.sampler={cfg.train.sampler} draws training batches, but model={cfg.model.name} fits "
                           "every training row at once: set train.sampler=shuffle (train.class_weights=balanced weighs "
