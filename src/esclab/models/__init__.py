@@ -8,7 +8,7 @@ needs no change to the training code. To add one:
    layer sizes as plain typed arguments with defaults;
 2. add one line to `MODELS` below: `"<name>": ClassName`;
 3. add `conf/model/<name>.yaml` with `name: <name>`, `input:` (the representation
-   it reads: logmel or embedding) and every other key a constructor argument;
+   it reads: logmel, waveform or embedding) and every other key a constructor argument;
    select it with `model=<name>`.
 """
 
@@ -17,8 +17,9 @@ from torch import nn
 from esclab.errors import EsclabError
 from esclab.models.cnn4 import CNN4
 from esclab.models.ffn import FFN
+from esclab.models.pretrained import Pretrained
 
-MODELS: dict[str, type[nn.Module]] = {"cnn4": CNN4, "ffn": FFN}
+MODELS: dict[str, type[nn.Module]] = {"cnn4": CNN4, "ffn": FFN, "pretrained": Pretrained}
 
 
 def build_model(name: str, *, n_classes: int, input_shape: tuple[int, int], **layers) -> nn.Module:

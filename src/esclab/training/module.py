@@ -34,6 +34,9 @@ class Classifier(L.LightningModule):
         self.save_hyperparameters(logger=False)
         layers = model_settings(model)
         self.model = build_model(model["name"], n_classes=n_classes, input_shape=tuple(input_shape), **layers)
+        # A network built from files that may be gone when this checkpoint is loaded (a pretrained model's folder)
+        # names the constructor arguments that rebuild it without them (models/pretrained.py).
+        self.hparams.model = model | getattr(self.model, "self_contained", {})
         self.augment = Augment(augment or {}, std=feature_std)
         self.train_acc = MulticlassAccuracy(n_classes, average="micro")
         self.val_acc = MulticlassAccuracy(n_classes, average="micro")
@@ -74,7 +77,10 @@ class Classifier(L.LightningModule):
 
         A per-step scheduler is built with `total_steps`, the optimizer steps of the whole run.
         """
-        optimizer = instantiate(self.hparams.optimizer)(self.parameters())
+        # A network may train its parts at different rates (a pretrained backbone slower than its new head): its
+        # `parameter_groups`, each group without an "lr" at the optimizer's.
+        groups = getattr(self.model, "parameter_groups", self.parameters)()
+        optimizer = instantiate(self.hparams.optimizer)(groups)
         if not self.hparams.scheduler:
             return optimizer
         settings = dict(self.hparams.scheduler)
