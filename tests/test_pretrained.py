@@ -174,6 +174,16 @@ def test_a_fine_tuned_fold_predicts_with_its_pretrained_folder_gone(wav2vec2_run
             assert entry["probability"] == pytest.approx(row[f"prob_{classes.index(entry['class'])}"], abs=1e-4)
 
 
+def test_export_refuses_a_fine_tuned_model_in_one_line(wav2vec2_run, tmp_path):
+    from esclab.serving.export import export
+
+    models = wav2vec2_run / "models"
+    with pytest.raises(EsclabError, match=f"{models} holds fine-tuned Hugging Face models, whose feature extractor "
+                                          "esclab export cannot turn into ONNX"):
+        export(models, tmp_path / "export", fold=2)
+    assert not (tmp_path / "export").exists()
+
+
 def test_train_py_fine_tunes_wav2vec2_end_to_end(tiny_data, waveforms, checkpoints, tmp_path):
     """`python train.py experiment=wav2vec2_finetune` at tiny sizes, one fold, offline: its outputs and MLflow run,
     which holds the fold's checkpoint (the model: the feature extractor's numpy leaves no graph to log)."""
