@@ -148,9 +148,10 @@ def head_run(tiny_data, tmp_path_factory) -> Path:
 ESCLAB = [sys.executable, "-c", "from esclab.cli import main; main()"]
 
 
-def esclab(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """`esclab <args>` in a fresh process, as a user runs it (errors as one line: HYDRA_FULL_ERROR unset)."""
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+def esclab(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`esclab <args>` in a fresh process, as a user runs it (errors as one line: HYDRA_FULL_ERROR unset), with `env`
+    added to the environment."""
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"} | (env or {})
     return subprocess.run([*ESCLAB, *args], cwd=cwd, env=env, capture_output=True, text=True)
 
 

@@ -95,13 +95,17 @@ def test_every_model_config_builds_and_names_what_it_reads(path):
     from esclab.models.heads import HEADS, candidates
 
     config = yaml.safe_load(path.read_text())
-    assert config["name"] == path.stem and config["input"] in ("logmel", "embedding")
+    assert config["input"] in ("logmel", "waveform", "embedding")
     if config["name"] in HEADS:
-        assert candidates(config["name"], seed=0, **model_settings(config))
+        assert config["name"] == path.stem and candidates(config["name"], seed=0, **model_settings(config))
+    elif "checkpoint" in config:  # a Hugging Face family: built from tiny checkpoints in test_pretrained.py
+        assert config["name"] == "pretrained" and config["input"] == "waveform"
     else:
+        assert config["name"] == path.stem
         shape = (32, 126) if config["input"] == "logmel" else (10, 1024)
-        # Not pretrained: the architecture the config names, without downloading ImageNet's weights (test_resnet.py).
-        assert build_model(config["name"], n_classes=5, input_shape=shape, pretrained=False, **model_settings(config))
+        # From random weights: the architecture the config names, without downloading ImageNet's (test_resnet.py).
+        settings = model_settings(config) | ({"weights": "none"} if "weights" in config else {})
+        assert build_model(config["name"], n_classes=5, input_shape=shape, **settings)
 
 
 def test_even_kernel_is_refused():

@@ -65,6 +65,8 @@ RULES: dict[str, Rule] = {
     "train.parallel_folds": POSITIVE_INT,
     "trainer.max_epochs": POSITIVE_INT,
     "trainer.gradient_clip_val": Rule(float, nullable=True),
+    "trainer.accumulate_grad_batches": POSITIVE_INT,
+    "model.backbone_lr": Rule(float, nullable=True),
     "evaluate.top_k": POSITIVE_INT,
     "download.retries": COUNT,
     "download.backoff_s": Rule(float, at_low=True),

@@ -58,7 +58,7 @@ def backbone_names(features) -> list[str]:
     if not names or unknown or len(set(names)) != len(names):
         raise EsclabError(f"features.backbones={names} must name each of its backbones once, from: "
                           f"{', '.join(sorted(BACKBONES))}")
-    strays = sorted(set(features.weights or {}) - set(names))
+    strays = sorted(name for name, weights in (features.weights or {}).items() if weights and name not in names)
     if strays:
         raise EsclabError(f"features.weights.{strays[0]} is set, but {strays[0]} is not in features.backbones="
                           f"{names}: add it there, or drop the setting")

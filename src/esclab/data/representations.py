@@ -2,7 +2,7 @@
 
 - `logmel` (data/features.py): clips x mels x frames, for the CNNs (`model=cnn4`, `resnet`).
 - `waveform` (data/waveforms.py): clips x samples, the decoded audio, for learners that
-  read audio themselves (`features=waveform`; the fine-tuned pretrained models).
+  read audio themselves (`features=waveform`): the fine-tuned pretrained models (`model=wav2vec2`, `whisper`, `ast`).
 - `embedding` (data/embeddings.py): clips x windows x dim of frozen pretrained
   backbones (`features=yamnet`, `aisfx`, `yamnet_aisfx`), for the heads (`model=ffn`, `svm`, `logistic`).
 
@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from esclab.errors import EsclabError
 
 REPRESENTATIONS = ("logmel", "waveform", "embedding")
-READERS = {"logmel": "model=cnn4 or resnet", "waveform": "none in esclab yet: fine-tuned models will read it",
+READERS = {"logmel": "model=cnn4 or resnet", "waveform": "model=wav2vec2, whisper or ast",
            "embedding": "model=ffn, svm or logistic"}
 CHOICES = {"logmel": "features=logmel", "waveform": "features=waveform",
            "embedding": "features=yamnet (or aisfx, yamnet_aisfx)"}
@@ -34,12 +34,17 @@ def representation(features: DictConfig) -> str:
     return name
 
 
-def decoded_settings(features: DictConfig):
-    """LogMelSettings or WaveformSettings: the settings of a representation the decoding workers write."""
+def decoded_kinds() -> dict[str, type]:
+    """The representations the decoding workers write from each clip's audio, and their settings classes."""
     from esclab.data.features import LogMelSettings
     from esclab.data.waveforms import WaveformSettings
 
-    return {"logmel": LogMelSettings, "waveform": WaveformSettings}[representation(features)].from_config(features)
+    return {"logmel": LogMelSettings, "waveform": WaveformSettings}
+
+
+def decoded_settings(features: DictConfig):
+    """LogMelSettings or WaveformSettings: the settings of a representation the decoding workers write."""
+    return decoded_kinds()[representation(features)].from_config(features)
 
 
 def cache_settings(features: DictConfig) -> dict:

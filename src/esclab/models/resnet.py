@@ -22,6 +22,7 @@ import torch
 import torchvision
 from torch import nn
 
+from esclab.checksums import sha256_of
 from esclab.errors import EsclabError
 
 ARCH, WEIGHTS = "resnet50", "imagenet"  # the defaults: seed 002's network, ImageNet's weights
@@ -86,8 +87,12 @@ class ResNet(nn.Module):
             network.conv1.weight.copy_(rgb.weight.sum(dim=1, keepdim=True))
         network.fc = nn.Linear(network.fc.in_features, n_classes)
         self.network = network
+        self.self_contained = {"weights": "none"}  # a trained fold's state dict replaces the start (models/__init__.py)
 
-    pretrained_file = staticmethod(weights_file)  # the file it starts from, which models.pretrained_sha256 hashes
+    @staticmethod
+    def weights_sha256(*, arch: str = ARCH, weights: str = WEIGHTS) -> str | None:
+        path = weights_file(arch=arch, weights=weights)
+        return sha256_of(path) if path else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.network(x)

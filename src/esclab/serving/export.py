@@ -300,9 +300,25 @@ def verified(model_bytes: bytes, ensemble: FoldEnsemble, rates: list[int]) -> fl
     return worst
 
 
+EXPORTED_BACKBONES = ("yamnet", "aisfx")  # the frozen backbones whose front ends are rebuilt here in torch
+
+
+def check_exportable(ensemble: FoldEnsemble, models_dir: Path) -> None:
+    """Refuse models whose front end cannot become ONNX: fine-tuned Hugging Face models (features=waveform) and
+    heads on Hugging Face encoders, whose feature extractors run in numpy."""
+    p = ensemble.preprocessing
+    others = [name for name in p["settings"].get("backbones", []) if name not in EXPORTED_BACKBONES]
+    if p["representation"] == "waveform" or others:
+        what = "+".join(others) or "fine-tuned Hugging Face"
+        raise EsclabError(f"{models_dir} holds {what} models, whose feature extractor esclab export cannot turn into "
+                          "ONNX (it exports log-mel models and heads on yamnet/aisfx embeddings): use esclab predict "
+                          "or esclab serve with these checkpoints")
+
+
 def export(models_dir: Path, out_dir: Path, fold: int | None = None, int8: bool = True) -> dict:
     """Write `model.onnx` (and `model.int8.onnx`) and `export.json` into `out_dir`, all or nothing; the record."""
     ensemble = load_cross_validation(models_dir, fold)
+    check_exportable(ensemble, models_dir)
     networks = networks_of(ensemble)
     weights = sum(t.numel() * t.element_size() for network in networks for t in network.state_dict().values())
     if weights >= 2**31 - 2**27:  # what ONNX keeps in one file, less room for the front end

@@ -12,7 +12,8 @@ import json
 import numpy as np
 import torch
 
-from esclab.data.features import LogMel, LogMelSettings, fit
+from esclab.data.features import fit
+from esclab.data.representations import decoded_kinds
 from esclab.errors import EsclabError
 
 
@@ -34,24 +35,25 @@ class Frontend:
     def __init__(self, preprocessing: dict):
         self.representation, self.settings = preprocessing["representation"], preprocessing["settings"]
         self.duration = float(self.settings["duration"])
-        if self.representation == "logmel":
-            self.logmel_settings = LogMelSettings(**self.settings)
-            self.logmel = LogMel(self.logmel_settings)
-        elif self.representation == "embedding":
+        decoded = decoded_kinds()
+        if self.representation == "embedding":
             self.backbones = matching_backbones(self.settings)
+        elif self.representation in decoded:  # log-mel, or the waveform itself
+            self.decoded = decoded[self.representation](**self.settings)
+            self.transform = self.decoded.transform()
         else:
             raise EsclabError(f"no esclab model reads {self.representation} features yet; nothing to predict with")
 
     def rows(self, window: np.ndarray, rate: int) -> np.ndarray:
-        if self.representation == "logmel":
-            s = self.logmel_settings
-            clip = torch.from_numpy(fit(window, rate, sample_rate=s.sample_rate, n_samples=s.n_samples))
-            with torch.inference_mode():
-                row = self.logmel(clip[None, None])[0, 0].numpy()
-        else:
+        if self.representation == "embedding":
             from esclab.data.embeddings import embed
 
             row = embed(window, rate, self.backbones, self.duration)
+        else:
+            s = self.decoded
+            clip = torch.from_numpy(fit(window, rate, sample_rate=s.sample_rate, n_samples=s.n_samples))
+            with torch.inference_mode():
+                row = self.transform(clip[None, None])[0, 0].numpy()
         return row.astype(np.float16).astype(np.float32)
 
 

@@ -24,21 +24,21 @@ class Classifier(L.LightningModule):
     `preprocessing` is what a prediction must do to audio before this network sees it (serving/preprocessing.py);
     it is only kept, in the checkpoint's hyper-parameters. `class_weights` weigh each class's term of the training
     loss (training/data.py's balanced_class_weights); None weighs them all 1. `representation` is what the feature
-    cache holds (logmel, waveform, embedding), which decides how augmentations act. `pretrained` starts the network
-    from the weights its settings name; it is not kept, so a checkpoint rebuilds the network from random weights,
-    which its state dict then replaces, and needs no pretrained file where it is used."""
+    cache holds (logmel, waveform, embedding), which decides how augmentations act."""
 
     def __init__(self, *, model: dict, n_classes: int, input_shape: tuple[int, int], optimizer: dict,
                  scheduler: dict | None = None, augment: dict | None = None, label_smoothing: float = 0.0,
                  feature_std: float = 1.0, preprocessing: dict | None = None, class_weights: list[float] | None = None,
-                 representation: str = "logmel", pretrained: bool = False):
+                 representation: str = "logmel"):
         super().__init__()
         # Into the checkpoint only: the Tracker already logs the whole config to the fold's run, and Lightning's
         # copy would add every model/optimizer/augment key a second time, spelt with '/'.
-        self.save_hyperparameters(logger=False, ignore=["pretrained"])
+        self.save_hyperparameters(logger=False)
         layers = model_settings(model)
-        self.model = build_model(model["name"], n_classes=n_classes, input_shape=tuple(input_shape),
-                                 pretrained=pretrained, **layers)
+        self.model = build_model(model["name"], n_classes=n_classes, input_shape=tuple(input_shape), **layers)
+        # A network built from files that may be gone when this checkpoint is loaded (a pretrained model's folder)
+        # names the constructor arguments that rebuild it without them (models/pretrained.py).
+        self.hparams.model = model | getattr(self.model, "self_contained", {})
         self.augment = Augment(augment or {}, std=feature_std, representation=representation)
         self.train_acc = MulticlassAccuracy(n_classes, average="micro")
         self.val_acc = MulticlassAccuracy(n_classes, average="micro")
@@ -79,7 +79,10 @@ class Classifier(L.LightningModule):
 
         A per-step scheduler is built with `total_steps`, the optimizer steps of the whole run.
         """
-        optimizer = instantiate(self.hparams.optimizer)(self.parameters())
+        # A network may train its parts at different rates (a pretrained backbone slower than its new head): its
+        # `parameter_groups`, each group without an "lr" at the optimizer's.
+        groups = getattr(self.model, "parameter_groups", self.parameters)()
+        optimizer = instantiate(self.hparams.optimizer)(groups)
         if not self.hparams.scheduler:
             return optimizer
         settings = dict(self.hparams.scheduler)

@@ -95,7 +95,7 @@ def build_classifier(cfg: DictConfig, data: FoldData) -> Classifier:
                         optimizer=container["optimizer"], scheduler=container["scheduler"] or None,
                         augment=container["augment"], label_smoothing=cfg.train.label_smoothing, feature_std=data.std,
                         preprocessing=preprocessing, class_weights=class_weights(cfg, data),
-                        representation=preprocessing["representation"], pretrained=True)
+                        representation=preprocessing["representation"])
     speed_up(module.model, channels_last=cfg.train.channels_last, compile=cfg.train.compile)
     return module
 
@@ -174,7 +174,9 @@ def fit_network(cfg: DictConfig, fold: int, tracker: Tracker, run_id: str, targe
     probs = torch.cat([p for _, p in batches]).numpy()
     with atomic_file(target) as tmp:
         shutil.copyfile(checkpoint.best_model_path, tmp)
-    if cfg.tracking.log_model:
+    # MLflow's pytorch flavour saves a graph that torch.export traces; a network whose forward leaves torch (a Hugging
+    # Face feature extractor's numpy) has none, and its checkpoint (the run's checkpoint/ artifact) is the model.
+    if cfg.tracking.log_model and getattr(best.model, "traceable", True):
         example = torch.from_numpy(np.asarray(data.array[data.test_rows[:2]], dtype=np.float32))
         tracker.log_model(run_id, Probabilities(best.model, data.mean, data.std).eval(), example)
     return prediction_table(data.index, rows, probs), history.table()
