@@ -78,7 +78,7 @@ def test_too_small_input_is_refused():
 
 
 def test_unknown_model_is_refused_with_the_choices():
-    with pytest.raises(EsclabError, match=r"model=vit is not a known model; available: cnn4, ffn, resnet"):
+    with pytest.raises(EsclabError, match=r"model=vit is not a known model; available: cnn4, ffn, pretrained, resnet"):
         build_model("vit", n_classes=50, input_shape=SEED_SHAPE)
 
 
