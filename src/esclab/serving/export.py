@@ -40,6 +40,7 @@ from esclab.serving.runtime import FORMAT
 
 OPSET = 20  # YAMNet's graph's
 TOLERANCE = 1e-3  # the largest |ONNX - torch| class probability the float file may show on the check clips
+EXPORTABLE = ("yamnet", "aisfx")  # the backbones whose front ends this file rebuilds for ONNX
 
 
 def input_name(rate: int) -> str:
@@ -303,6 +304,10 @@ def verified(model_bytes: bytes, ensemble: FoldEnsemble, rates: list[int]) -> fl
 def export(models_dir: Path, out_dir: Path, fold: int | None = None, int8: bool = True) -> dict:
     """Write `model.onnx` (and `model.int8.onnx`) and `export.json` into `out_dir`, all or nothing; the record."""
     ensemble = load_cross_validation(models_dir, fold)
+    others = [name for name in ensemble.preprocessing["settings"].get("backbones", []) if name not in EXPORTABLE]
+    if others:
+        raise EsclabError(f"esclab export builds the front ends of {' and '.join(EXPORTABLE)} into ONNX, not "
+                          f"{others[0]}'s: serve this model with esclab predict or esclab serve")
     networks = networks_of(ensemble)
     weights = sum(t.numel() * t.element_size() for network in networks for t in network.state_dict().values())
     if weights >= 2**31 - 2**27:  # what ONNX keeps in one file, less room for the front end

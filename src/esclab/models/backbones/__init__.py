@@ -10,9 +10,10 @@ A backbone class has `name`, `sample_rate`, `pinned` (its PinnedWeights, weights
 from pathlib import Path
 
 from esclab.models.backbones.aisfx import AiSfx
+from esclab.models.backbones.clap import Clap
 from esclab.models.backbones.yamnet import YamNet
 
-BACKBONES = {"yamnet": YamNet, "aisfx": AiSfx}
+BACKBONES = {"yamnet": YamNet, "aisfx": AiSfx, "clap": Clap}
 
 
 def build_backbone(name: str, weights: str | Path | None):
