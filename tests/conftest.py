@@ -175,6 +175,8 @@ def tiny_clap(tmp_path_factory) -> Path:
                                hidden_size=16)
     torch.manual_seed(0)
     model = hf.ClapModel(hf.ClapConfig(text_config=text.to_dict(), audio_config=audio.to_dict(), projection_dim=8))
+    with torch.no_grad():
+        model.logit_scale_a.fill_(3.0)  # the audio-to-text scale set apart from the text-to-audio one (both log 1/0.07)
     extractor = hf.ClapFeatureExtractor(feature_size=16, sampling_rate=16000, max_length_s=1, hop_length=160,
                                         fft_window_size=512, frequency_max=8000, truncation="rand_trunc")
     folder = tmp_path_factory.mktemp("tiny_clap")

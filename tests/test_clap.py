@@ -147,6 +147,15 @@ def test_predict_serves_a_zero_shot_fold_model_through_the_same_checkpoint(zeros
     assert np.allclose(result["probabilities"], expected, atol=1e-4)
 
 
+def test_export_refuses_a_clap_model_in_one_line(zeroshot_run, tmp_path):
+    from esclab.serving.export import export
+
+    with pytest.raises(EsclabError, match="esclab export builds the front ends of yamnet and aisfx into ONNX, not "
+                                          "clap's: serve this model with esclab predict or esclab serve"):
+        export(zeroshot_run / "models", tmp_path / "export", fold=1)
+    assert not (tmp_path / "export").exists()
+
+
 def test_a_trained_head_reads_the_clap_cache(tiny_data, cache, clap_features, tmp_path):
     run = train_on_cache(tiny_data, cache, tmp_path, "experiment=clap_svm", *clap_features, "fold=2")
     history = pd.read_csv(run / "reports/folds/2/history.csv")
