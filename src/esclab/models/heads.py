@@ -58,7 +58,7 @@ def candidates(name: str, *, pooling: str, seed: int, C: Sequence[float] = (), b
     them."""
     check_pooling(pooling)
     takes = set(inspect.signature(HEADS[name]).parameters)
-    unknown = set(options) - (takes - CONTEXT) | (set() if "C" in takes or not C else {"C"})
+    unknown = set(options) - (takes - CONTEXT) | ({"C"} if C and "C" not in takes else set())
     if unknown:
         raise EsclabError(f"model={name} has no setting {', '.join(sorted(unknown))}: remove it (an experiment made "
                           f"for another head may have set it), see conf/model/{name}.yaml")
@@ -72,7 +72,7 @@ def candidates(name: str, *, pooling: str, seed: int, C: Sequence[float] = (), b
     def pooled() -> FunctionTransformer:
         return FunctionTransformer(partial(pool, how=pooling))
 
-    if "C" not in takes:
+    if "C" not in takes:  # nothing to choose on validation, and rows compared as they are (cosines: not standardised)
         return [({}, make_pipeline(pooled(), make()))]
     if not C or any(not isinstance(c, int | float) or c <= 0 for c in C):
         raise EsclabError(f"model.C={list(C)} must be a list of positive numbers, e.g. [0.1, 1, 10]")
