@@ -126,17 +126,63 @@ def cnn4_run(tiny_data, tmp_path_factory) -> Path:
     return out
 
 
-def embedding_run(tiny_data: dict[str, Path], out: Path, features: str, *overrides: str) -> Path:
-    """A tiny cross-validation on `features`' embeddings of the tiny dataset (1-s clips) into `out`."""
+def embedding_cache(split: Path, out: Path, *features: str) -> Path:
+    """The embedding cache of the tiny dataset's 1-s clips that the `features` overrides name, in `out`/features."""
     from esclab.data.representations import write_cache
+
+    return write_cache(split, out / "features", compose_config(*features, "features.duration=1.0").features)
+
+
+def train_on_cache(tiny_data: dict[str, Path], cache: Path, out: Path, *overrides: str) -> Path:
+    """A tiny cross-validation on an embedding cache into `out` (models/, reports/, mlflow.db)."""
     from esclab.training.run import train
 
-    settings = compose_config(features, "features.duration=1.0").features
-    cache = write_cache(tiny_data["split"], out / "features", settings)
-    tiny = [o for o in tiny_overrides(tiny_data, out, "tracking.log_model=false")
-            if not o.startswith(("features.", "paths.features"))]
-    train(compose_config(*overrides, *tiny, "features.duration=1.0", f"paths.features={cache}"))
+    tiny = [o for o in tiny_overrides(tiny_data, out) if not o.startswith(("features.", "paths.features"))]
+    train(compose_config("tracking.log_model=false", *overrides, *tiny, "features.duration=1.0",
+                         f"paths.features={cache}"))
     return out
+
+
+def embedding_run(tiny_data: dict[str, Path], out: Path, features: str, *overrides: str) -> Path:
+    """A tiny cross-validation on `features`' embeddings of the tiny dataset (1-s clips) into `out`."""
+    return train_on_cache(tiny_data, embedding_cache(tiny_data["split"], out, features), out, *overrides)
+
+
+@pytest.fixture(scope="session")
+def tiny_clap(tmp_path_factory) -> Path:
+    """A randomly initialised CLAP small enough for a test, as save_pretrained writes a hub checkpoint: the model,
+    its feature extractor (16 kHz, windows of 1 s, 16 mel bands) and a byte-level BPE tokenizer trained on the
+    tiny dataset's class names and the prompts' words. Both towers project to 8 dimensions."""
+    import json
+
+    import tokenizers
+    import torch
+    import transformers as hf
+
+    from esclab.data.synthetic import CATEGORIES
+
+    bpe = tokenizers.ByteLevelBPETokenizer()
+    bpe.train_from_iterator([*CATEGORIES, "This is a sound of", "A recording of"], vocab_size=400,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])  # RoBERTa's ids 0..4
+    trained = json.loads(bpe.to_str())["model"]
+    tokenizer = hf.RobertaTokenizer(vocab=trained["vocab"], merges=[tuple(m) for m in trained["merges"]],
+                                    model_max_length=32)
+    text = hf.ClapTextConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                             intermediate_size=32, max_position_embeddings=40)
+    # HTSAT reads its mel frames as a spec_size-square image, spec_size / num_mel_bins strips of them.
+    audio = hf.ClapAudioConfig(num_mel_bins=16, spec_size=64, patch_size=4, patch_stride=4, window_size=4,
+                               depths=[1, 1], num_attention_heads=[1, 2], patch_embeds_hidden_size=8,
+                               hidden_size=16)
+    torch.manual_seed(0)
+    model = hf.ClapModel(hf.ClapConfig(text_config=text.to_dict(), audio_config=audio.to_dict(), projection_dim=8))
+    with torch.no_grad():
+        model.logit_scale_a.fill_(3.0)  # the audio-to-text scale set apart from the text-to-audio one (both log 1/0.07)
+    extractor = hf.ClapFeatureExtractor(feature_size=16, sampling_rate=16000, max_length_s=1, hop_length=160,
+                                        fft_window_size=512, frequency_max=8000, truncation="rand_trunc")
+    folder = tmp_path_factory.mktemp("tiny_clap")
+    model.save_pretrained(folder)
+    hf.ClapProcessor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -114,7 +114,7 @@ def test_a_combined_cache_puts_each_backbones_windows_side_by_side_on_the_finest
 @pytest.mark.parametrize(("overrides", "message"), [
     (["features.backbones=[yamnet,yamnet]"], r"features.backbones=\['yamnet', 'yamnet'\] must name each"),
     (["features.backbones=[vggish]"],
-     r"features.backbones=\['vggish'\] must name .* from: aisfx, .*wav2vec2.*, yamnet"),
+     r"features.backbones=\['vggish'\] must name .* from: aisfx, clap, .*wav2vec2.*, yamnet"),
     (["features.backbones=[]"], r"features.backbones=\[\] must name"),
     (["features.backbones=[aisfx]"], "features.weights.yamnet is set, but yamnet is not in features.backbones"),
 ])

@@ -103,6 +103,6 @@ def test_a_head_weighs_its_classes_as_scikit_learn_does():
     from esclab.models.heads import candidates
 
     for head, balanced in (("logistic", True), ("svm", True), ("logistic", False)):
-        (pipeline,) = candidates(head, C=[1.0], pooling="mean", seed=0, balanced=balanced)
+        ((_, pipeline),) = candidates(head, C=[1.0], pooling="mean", seed=0, balanced=balanced)
         classifier = pipeline[-1].estimator if head == "svm" else pipeline[-1]
         assert classifier.class_weight == ("balanced" if balanced else None)

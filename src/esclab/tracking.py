@@ -45,7 +45,7 @@ WEIGHTS_TAG = "model.weights.sha256"
 DATA = ("raw", "split", "features")  # the paths.* whose DVC hashes tag every run
 UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
 SKOPS_TRUSTED = ["esclab.models.heads.pool", "functools.partial", "sklearn.calibration._CalibratedClassifier",
-                 "sklearn.calibration._SigmoidCalibration"]
+                 "sklearn.calibration._SigmoidCalibration", "esclab.models.zeroshot.PromptClassifier"]
 
 
 def resolve_uri(configured: str | None) -> str:

@@ -4,7 +4,8 @@
 - `waveform` (data/waveforms.py): clips x samples, the decoded audio, for learners that
   read audio themselves (`features=waveform`): the fine-tuned pretrained models (`model=wav2vec2`, `whisper`, `ast`).
 - `embedding` (data/embeddings.py): clips x windows x dim of frozen pretrained
-  backbones (`features=yamnet`, `aisfx`, `yamnet_aisfx`), for the heads (`model=ffn`, `svm`, `logistic`).
+  backbones (`features=yamnet`, `aisfx`, `yamnet_aisfx`, `clap`), for the heads (`model=ffn`, `svm`, `logistic`;
+  `zeroshot` on `clap`).
 
 Each cuts files into rows the same way (`features.clips`: a row per file padded or
 trimmed, or a row per window; data/clips.py).
@@ -22,9 +23,9 @@ from esclab.errors import EsclabError
 
 REPRESENTATIONS = ("logmel", "waveform", "embedding")
 READERS = {"logmel": "model=cnn4 or resnet", "waveform": "model=wav2vec2, whisper or ast",
-           "embedding": "model=ffn, svm or logistic"}
+           "embedding": "model=ffn, svm, logistic, or zeroshot on clap"}
 CHOICES = {"logmel": "features=logmel", "waveform": "features=waveform",
-           "embedding": "features=yamnet (or aisfx, yamnet_aisfx)"}
+           "embedding": "features=yamnet (or aisfx, yamnet_aisfx, clap)"}
 
 
 def representation(features: DictConfig) -> str:

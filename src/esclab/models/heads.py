@@ -4,7 +4,11 @@ A head is a pipeline from the cache's raw rows (clips x windows x dim) to class
 probabilities: pool the windows (mean, max or both), standardise with the
 training rows' statistics, then the classifier. Its regularisation strength C is
 the one hyper-parameter, chosen per fold on the validation clips (never the test
-fold) from `model.C`, a list.
+fold) from `model.C`, a list. A head with no C to choose (`zeroshot`, CLAP's text
+prompts: models/zeroshot.py) is one pipeline that compares the pooled rows as they are.
+
+Each head's maker names what it needs by its parameters: its settings from
+`conf/model/<name>.yaml`, and any of `CONTEXT`, which training supplies.
 """
 
 import inspect
@@ -20,6 +24,7 @@ from sklearn.svm import LinearSVC
 
 from esclab.errors import EsclabError
 from esclab.models.ffn import check_pooling
+from esclab.models.zeroshot import zeroshot
 
 
 def pool(rows: np.ndarray, how: str) -> np.ndarray:
@@ -41,23 +46,37 @@ def svm(C: float, seed: int, class_weight: str | None = None) -> CalibratedClass
                                   cv=3, ensemble=False)
 
 
-HEADS = {"logistic": logistic, "svm": svm}
+HEADS = {"logistic": logistic, "svm": svm, "zeroshot": zeroshot}
+CONTEXT = {"C", "seed", "class_weight", "classes", "features"}  # what candidates() passes, not a setting
 
 
-def candidates(name: str, *, C: Sequence[float], pooling: str, seed: int, balanced: bool = False,
-               **options) -> list[Pipeline]:
-    """One pipeline per value of C, in the order given; `balanced` weighs each class by how rare it is in the
-    training rows (scikit-learn's class_weight="balanced")."""
+def candidates(name: str, *, pooling: str, seed: int, C: Sequence[float] = (), balanced: bool = False,
+               classes: Sequence[str] = (), features: dict | None = None, **options) -> list[tuple[dict, Pipeline]]:
+    """(what it chose, pipeline) for each value of C, in the order given, or the one pipeline of a head without C;
+    `balanced` weighs each class by how rare it is in the training rows (scikit-learn's class_weight="balanced"),
+    `classes` are the class names in label order and `features` the features config (plain), for heads that read
+    them."""
     check_pooling(pooling)
-    if not C or any(not isinstance(c, int | float) or c <= 0 for c in C):
-        raise EsclabError(f"model.C={list(C)} must be a list of positive numbers, e.g. [0.1, 1, 10]")
-    unknown = set(options) - set(inspect.signature(HEADS[name]).parameters) - {"class_weight"}
+    takes = set(inspect.signature(HEADS[name]).parameters)
+    unknown = set(options) - (takes - CONTEXT) | ({"C"} if C and "C" not in takes else set())
     if unknown:
         raise EsclabError(f"model={name} has no setting {', '.join(sorted(unknown))}: remove it (an experiment made "
                           f"for another head may have set it), see conf/model/{name}.yaml")
-    return [make_pipeline(FunctionTransformer(partial(pool, how=pooling)), StandardScaler(),
-                          HEADS[name](float(c), seed, class_weight="balanced" if balanced else None, **options))
-            for c in C]
+    if balanced and "class_weight" not in takes:
+        raise EsclabError(f"model={name} trains nothing, so train.class_weights=balanced has nothing to weigh: set "
+                          "train.class_weights=none")
+    context = {"seed": seed, "class_weight": "balanced" if balanced else None, "classes": list(classes),
+               "features": features}
+    make = partial(HEADS[name], **{k: v for k, v in context.items() if k in takes}, **options)
+
+    def pooled() -> FunctionTransformer:
+        return FunctionTransformer(partial(pool, how=pooling))
+
+    if "C" not in takes:  # nothing to choose on validation, and rows compared as they are (cosines: not standardised)
+        return [({}, make_pipeline(pooled(), make()))]
+    if not C or any(not isinstance(c, int | float) or c <= 0 for c in C):
+        raise EsclabError(f"model.C={list(C)} must be a list of positive numbers, e.g. [0.1, 1, 10]")
+    return [({"C": float(c)}, make_pipeline(pooled(), StandardScaler(), make(C=float(c)))) for c in C]
 
 
 def class_probabilities(pipeline: Pipeline, rows: np.ndarray, n_classes: int) -> np.ndarray:

@@ -40,6 +40,7 @@ from esclab.serving.runtime import FORMAT
 
 OPSET = 20  # YAMNet's graph's
 TOLERANCE = 1e-3  # the largest |ONNX - torch| class probability the float file may show on the check clips
+EXPORTABLE = ("yamnet", "aisfx")  # the backbones whose front ends this file rebuilds for ONNX
 
 
 def input_name(rate: int) -> str:
@@ -300,14 +301,11 @@ def verified(model_bytes: bytes, ensemble: FoldEnsemble, rates: list[int]) -> fl
     return worst
 
 
-EXPORTED_BACKBONES = ("yamnet", "aisfx")  # the frozen backbones whose front ends are rebuilt here in torch
-
-
 def check_exportable(ensemble: FoldEnsemble, models_dir: Path) -> None:
     """Refuse models whose front end cannot become ONNX: fine-tuned Hugging Face models (features=waveform) and
     heads on Hugging Face encoders, whose feature extractors run in numpy."""
     p = ensemble.preprocessing
-    others = [name for name in p["settings"].get("backbones", []) if name not in EXPORTED_BACKBONES]
+    others = [name for name in p["settings"].get("backbones", []) if name not in EXPORTABLE]
     if p["representation"] == "waveform" or others:
         what = "+".join(others) or "fine-tuned Hugging Face"
         raise EsclabError(f"{models_dir} holds {what} models, whose feature extractor esclab export cannot turn into "

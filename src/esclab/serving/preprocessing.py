@@ -22,7 +22,7 @@ def preprocessing_of(data) -> dict:
     meta = json.loads((data.features_dir / "features.json").read_text())
     names = data.index.drop_duplicates("label").sort_values("label")["category"].tolist()
     return {"representation": meta.get("representation", "logmel"), "settings": meta["settings"],
-            "mean": float(data.mean), "std": float(data.std), "classes": names}
+            "weights": meta.get("weights", {}), "mean": float(data.mean), "std": float(data.std), "classes": names}
 
 
 class Frontend:
@@ -37,7 +37,7 @@ class Frontend:
         self.duration = float(self.settings["duration"])
         decoded = decoded_kinds()
         if self.representation == "embedding":
-            self.backbones = matching_backbones(self.settings)
+            self.backbones = matching_backbones(self.settings, preprocessing.get("weights", {}))
         elif self.representation in decoded:  # log-mel, or the waveform itself
             self.decoded = decoded[self.representation](**self.settings)
             self.transform = self.decoded.transform()
@@ -57,14 +57,14 @@ class Frontend:
         return row.astype(np.float16).astype(np.float32)
 
 
-def matching_backbones(settings: dict) -> list:
-    """The model's backbones, built from this machine's copies of their weights, refused unless those are the
-    very weights the model was trained on."""
+def matching_backbones(settings: dict, weights: dict) -> list:
+    """The model's backbones, built from the weights its cache was made with (`weights`: each backbone's setting,
+    null for its default copy), refused unless those are the very weights the model was trained on."""
     from esclab.models.backbones import build_backbone
 
     backbones = []
     for name in settings["backbones"]:
-        backbone = build_backbone(name, None)
+        backbone = build_backbone(name, weights.get(name))
         trained = settings["weights_sha256"][name]
         if backbone.sha256 != trained:
             raise EsclabError(f"the model was trained on {name} weights with sha256 {trained}, but this machine's "

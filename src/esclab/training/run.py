@@ -187,11 +187,13 @@ def fit_head(cfg: DictConfig, fold: int, tracker: Tracker, run_id: str, target: 
     """scikit-learn: one fit per value of model.C on the training rows (classes weighed as `train.class_weights`
     says), the best by `train.monitor` on the validation rows kept
     (saved with joblib as `target`); its test predictions, and one history row per C tried.
-    The pipeline standardises the raw rows itself (models/heads.py), so the fold's data is not normalised."""
+    The pipeline standardises the raw rows itself (models/heads.py), so the fold's data is not normalised.
+    A head without C (zeroshot) is one candidate whose fit only embeds its prompts."""
     data = fold_data(cfg, fold, normalize="none")
     labels, n_classes = data.index["label"].to_numpy(), data.n_classes
     options = model_settings(OmegaConf.to_container(cfg.model))
     balanced = class_weights(cfg, data) is not None
+    preprocessing = preprocessing_of(data)
 
     def rows(which: np.ndarray) -> np.ndarray:
         return np.asarray(data.array[which], dtype=np.float32)
@@ -205,10 +207,12 @@ def fit_head(cfg: DictConfig, fold: int, tracker: Tracker, run_id: str, target: 
                           f"{', '.join(MONITORED)}")
     sign = -1 if monitor.endswith("loss") else 1
     history, best = [], None
-    for step, pipeline in enumerate(candidates(cfg.model.name, seed=cfg.seed, balanced=balanced, **options)):
+    heads = candidates(cfg.model.name, seed=cfg.seed, balanced=balanced, classes=preprocessing["classes"],
+                       features=OmegaConf.to_container(cfg.features, resolve=True), **options)
+    for step, (choice, pipeline) in enumerate(heads):
         pipeline.fit(rows(data.train_rows), labels[data.train_rows])
         train, val = probabilities(pipeline, data.train_rows), probabilities(pipeline, data.val_rows)
-        entry = {"epoch": step, "C": options["C"][step],
+        entry = {"epoch": step, **choice,
                  "train/loss": log_loss(labels[data.train_rows], train, labels=range(n_classes)),
                  "train/acc": float((train.argmax(1) == labels[data.train_rows]).mean()),
                  "val/loss": log_loss(labels[data.val_rows], val, labels=range(n_classes)),
@@ -222,7 +226,7 @@ def fit_head(cfg: DictConfig, fold: int, tracker: Tracker, run_id: str, target: 
             best = score, pipeline
     pipeline = best[1]
     with atomic_file(target) as tmp:
-        joblib.dump({"pipeline": pipeline, "preprocessing": preprocessing_of(data)}, tmp)
+        joblib.dump({"pipeline": pipeline, "preprocessing": preprocessing}, tmp)
     if cfg.tracking.log_model:
         tracker.log_head(run_id, pipeline, rows(data.test_rows[:2]))
     predictions = prediction_table(data.index, data.test_rows, probabilities(pipeline, data.test_rows))

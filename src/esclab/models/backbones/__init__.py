@@ -10,10 +10,11 @@ A backbone class has `name`, `sample_rate`, `pinned` (its PinnedWeights, weights
 from pathlib import Path
 
 from esclab.models.backbones.aisfx import AiSfx
+from esclab.models.backbones.clap import Clap
 from esclab.models.backbones.speech import SPEECH_BACKBONES
 from esclab.models.backbones.yamnet import YamNet
 
-BACKBONES = {"yamnet": YamNet, "aisfx": AiSfx, **SPEECH_BACKBONES}
+BACKBONES = {"yamnet": YamNet, "aisfx": AiSfx, "clap": Clap, **SPEECH_BACKBONES}
 
 
 def build_backbone(name: str, weights: str | Path | None):
