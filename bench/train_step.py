@@ -14,6 +14,13 @@ Each (variant, loop) pair is warmed up first (compilation included), then timed
 over the same number of steps. Prints a table and writes JSON.
 
     python bench/train_step.py [--n-mels 128 --frames 431 --batch-size 16 --steps 20 --variants fp32,bf16-mixed]
+
+With `--families`, it times the fine-tuning recipes instead (finetune_families.py):
+each family's full-size architecture, at its named experiment's batch size, on 5-s
+clips, each in a fresh process; then the size of the backbone, the memory a training
+step adds, and what a 5-fold run of the experiment would take at the measured rate.
+
+    python bench/train_step.py --families wav2vec2,whisper,ast,resnet50 [--steps 3 --warmup 1]
 """
 
 import argparse
@@ -24,6 +31,7 @@ from dataclasses import dataclass
 import lightning as L
 import torch
 import torch.nn.functional as F
+from finetune_families import FAMILIES, finetune_families
 from report import parse_args, report
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -128,7 +136,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of: {', '.join(VARIANTS)}")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--families", default=None,
+                        help=f"time these fine-tuning recipes instead, comma-separated, of: {', '.join(FAMILIES)}")
     args = parse_args(parser, "train_step")
+    if args.families:
+        return report(finetune_families(args), args.out)
     names = args.variants.split(",")
     if unknown := set(names) - set(VARIANTS):
         parser.error(f"--variants: unknown {', '.join(sorted(unknown))}; choose from {', '.join(VARIANTS)}")

@@ -150,8 +150,8 @@ def test_predict_serves_a_zero_shot_fold_model_through_the_same_checkpoint(zeros
 def test_export_refuses_a_clap_model_in_one_line(zeroshot_run, tmp_path):
     from esclab.serving.export import export
 
-    with pytest.raises(EsclabError, match="esclab export builds the front ends of yamnet and aisfx into ONNX, not "
-                                          "clap's: serve this model with esclab predict or esclab serve"):
+    with pytest.raises(EsclabError, match="holds clap models, whose feature extractor esclab export cannot turn into "
+                                          "ONNX .*: use esclab predict or esclab serve"):
         export(zeroshot_run / "models", tmp_path / "export", fold=1)
     assert not (tmp_path / "export").exists()
 
