@@ -71,11 +71,11 @@ def measure(family: str, args) -> dict:
             extractor.save_pretrained(folder)
         cfg = experiment_config(family, Path(folder))
         c = OmegaConf.to_container(cfg, resolve=True)
-        representation = cfg.features.representation
+        representation, samples = cfg.features.representation, round(CLIP_SECONDS * cfg.features.sample_rate)
         if representation == "waveform":
-            shape = (1, round(CLIP_SECONDS * cfg.features.sample_rate))
+            shape = (1, samples)
         else:  # the log-mel of a 5-s clip as the features stage makes it
-            shape = (1, cfg.features.n_mels, 1 + round(CLIP_SECONDS * cfg.features.sample_rate) // cfg.features.hop_length)
+            shape = (1, cfg.features.n_mels, 1 + samples // cfg.features.hop_length)
         torch.manual_seed(0)
         module = Classifier(model=c["model"], n_classes=50, input_shape=shape[1:], optimizer=c["optimizer"],
                             scheduler=c["scheduler"] or None, representation=representation).to(device)

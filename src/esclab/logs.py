@@ -25,8 +25,6 @@ KNOWN_WARNINGS = [
 KNOWN_LOG_LINES = [
     ("lightning.pytorch.utilities.rank_zero", "💡 Tip: For seamless cloud logging",
      "Lightning's advertisement for its hosted logger, printed by every Trainer; esclab logs to MLflow"),
-    ("torch.onnx._internal.exporter._registration", "torchvision is not installed",
-     "torch.onnx, on every export, about torchvision's operators, which no esclab model uses"),
     ("root", "Please consider to run pre-processing before quantization",
      "onnxruntime's quantize_dynamic: its shape pre-processing is for static quantisation, esclab's is dynamic"),
     ("root", "Please check if the model is already quantized",

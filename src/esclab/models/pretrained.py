@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from esclab.errors import EsclabError
+from esclab.models.backbones.hub import quiet_transformers, resolve
 
 
 class Pretrained(nn.Module):
@@ -38,10 +39,8 @@ class Pretrained(nn.Module):
         import transformers
         from transformers import AutoFeatureExtractor, AutoModelForAudioClassification
 
-        transformers.logging.set_verbosity_error()  # its notes on newly initialised heads are expected here
+        quiet_transformers()
         if config is None:  # training: the checkpoint's weights, a new head
-            from esclab.models.backbones.hub import resolve
-
             folder = resolve(checkpoint, "model.checkpoint").folder
             self.network, loading = AutoModelForAudioClassification.from_pretrained(
                 folder, num_labels=n_classes, ignore_mismatched_sizes=True, output_loading_info=True)
@@ -68,8 +67,6 @@ class Pretrained(nn.Module):
 
     @staticmethod
     def weights_sha256(*, checkpoint: str, **_) -> str:
-        from esclab.models.backbones.hub import resolve
-
         return resolve(checkpoint, "model.checkpoint").sha256
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from esclab.models.backbones.hub import HubWeights
+from esclab.models.backbones.hub import HubWeights, quiet_transformers
 
 WEIGHTS = HubWeights(backbone="clap", default="laion/clap-htsat-unfused")
 
@@ -32,6 +32,7 @@ def load_model(folder: Path, sha256: str):
     so a folder whose weights changed is read again)."""
     from transformers import ClapModel, ClapProcessor
 
+    quiet_transformers()
     return ClapModel.from_pretrained(folder).eval(), ClapProcessor.from_pretrained(folder)
 
 

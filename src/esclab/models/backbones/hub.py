@@ -30,6 +30,15 @@ class Checkpoint:
     sha256: str
 
 
+def quiet_transformers() -> None:
+    """Before loading: transformers' notes on a newly initialised head (a classifier for our classes, or one a frozen
+    encoder does not use) and its per-load progress bars are expected on every load, not news."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def offline_fix(setting: str) -> str:
     return (f"download it where the hub can be reached (`huggingface-cli download <id> --local-dir DIR`), copy DIR "
             f"here and set {setting}=DIR")

@@ -15,7 +15,7 @@ AST is not here: its tokens are patches of time and frequency, not frames in tim
 import numpy as np
 import torch
 
-from esclab.models.backbones.hub import HubWeights
+from esclab.models.backbones.hub import HubWeights, quiet_transformers
 
 WINDOW, HOP = 0.96, 0.48  # seconds, YAMNet's patches
 DEFAULTS = {"wav2vec2": "facebook/wav2vec2-base", "hubert": "facebook/hubert-base-ls960",
@@ -30,10 +30,9 @@ class SpeechEncoder:
     sample_rate = 16000  # until the checkpoint's extractor says otherwise
 
     def __init__(self, weights=None):
-        import transformers
         from transformers import AutoFeatureExtractor, AutoModelForAudioClassification
 
-        transformers.logging.set_verbosity_error()  # the unused classification head is new: expected, not news
+        quiet_transformers()
         self.weights, self.sha256 = self.pinned.checked(weights)
         self.extractor = AutoFeatureExtractor.from_pretrained(self.weights)
         # The audio-classification class is the one Auto class that gives every family's encoder alone (Whisper's
