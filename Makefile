@@ -53,11 +53,13 @@ params: setup
 # Benchmark sizes that finish in minutes on 2 CPU cores; a GPU takes the full ones, e.g.
 #   make bench BENCH_STEP= BENCH_CV="trainer=gpu_fast train.channels_last=true"
 BENCH_STEP ?= --n-mels 64 --frames 128 --steps 10 --threads 1
+BENCH_FAMILIES ?= --families wav2vec2,whisper,ast,resnet50 --steps 2 --warmup 1
 BENCH_CV   ?= --clips-per-class 5 --folds 1 --epochs 2
 
-## bench: features stage, embedding stage, training step, 5-fold wall-clock (prints, writes reports/bench/*.json)
+## bench: features stage, embedding stage, training step (cnn4's switches, the fine-tuning recipes), 5-fold wall-clock (prints, writes reports/bench/*.json)
 bench: setup
 	python bench/features.py
 	python bench/embed.py
 	python bench/train_step.py $(BENCH_STEP)
+	python bench/train_step.py $(BENCH_FAMILIES) --out reports/bench/train_step_families.json
 	python bench/cv_wallclock.py $(BENCH_CV)
