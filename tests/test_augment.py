@@ -130,10 +130,13 @@ def test_gain_is_an_offset_of_decibels_over_the_training_std(tiny_data, tmp_path
     assert module.hparams.feature_std == data.std != 1.0  # a run converts with its training split's std
 
 
-def test_augmentation_replays_from_the_global_seed():
+@pytest.mark.parametrize(("preset", "representation"), [("strong", "logmel"), ("waveform_strong", "waveform")])
+def test_augmentation_replays_from_the_global_seed(preset, representation):
     """BatchSeed re-seeds torch before every batch, so a resumed epoch draws the same augmentations."""
-    x, targets = a_batch()
-    strong = Augment(settings("strong"))
+    from test_waveform_augment import one_hot, waveforms
+
+    x, targets = a_batch() if representation == "logmel" else (waveforms(), one_hot())
+    strong = Augment(settings(preset), representation=representation)
     runs = []
     for seed in (3, 3, 4):
         torch.manual_seed(seed)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from conftest import compose_config, tiny_overrides
 from omegaconf import OmegaConf
+from test_augment import settings
 from torch import nn
 
 from esclab.data.representations import write_cache
@@ -13,11 +14,6 @@ from esclab.errors import EsclabError
 from esclab.models import MODELS
 from esclab.training.augment import Augment
 from esclab.training.run import build_classifier, fold_data, train
-
-
-def settings(name: str) -> dict:
-    """conf/augment/<name>.yaml, composed as a run sees it."""
-    return OmegaConf.to_container(compose_config(f"augment={name}").augment)
 
 
 def waveforms(n: int = 8, samples: int = 16000) -> torch.Tensor:
@@ -100,17 +96,6 @@ def test_augment_none_hands_back_the_very_tensors_and_draws_nothing():
     out, out_targets = Augment(settings("none"), representation="waveform")(x, targets)
     assert out is x and out_targets is targets
     assert torch.equal(torch.get_rng_state(), state)
-
-
-def test_waveform_augmentation_replays_from_the_global_seed():
-    x, targets = waveforms(), one_hot()
-    strong = Augment(settings("waveform_strong"), representation="waveform")
-    runs = []
-    for seed in (3, 3, 4):
-        torch.manual_seed(seed)
-        runs.append(strong(x, targets))
-    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
-    assert not torch.equal(runs[0][0], runs[2][0])
 
 
 def test_an_ingredient_for_the_other_representation_is_refused_before_training(tiny_data, tmp_path):
