@@ -23,6 +23,11 @@ from report import parse_args, report, synthetic_split
 
 from esclab.data.embeddings import write_embeddings
 from esclab.models.backbones import BACKBONES
+from esclab.models.backbones.weights import PinnedWeights
+
+# The backbones whose weights install with esclab; a hub backbone (wav2vec2, clap, ...) is timed where its default
+# checkpoint can be downloaded or is in the hub's cache: name it in --backbones.
+INSTALLED = [name for name, backbone in BACKBONES.items() if isinstance(backbone.pinned, PinnedWeights)]
 
 
 def measure(backbones: list[str], split: Path, warm: Path, clips: int, tmp: Path) -> dict:
@@ -45,8 +50,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clips-per-class", type=int, default=8,
                         help="x 50 classes (at least 5, one per fold); 40 is ESC-50's size")
-    parser.add_argument("--backbones", default=",".join(BACKBONES),
-                        help="comma-separated keys of BACKBONES; join keys with + to time a combination")
+    parser.add_argument("--backbones", default=",".join(INSTALLED),
+                        help=f"comma-separated keys of BACKBONES ({', '.join(BACKBONES)}); join keys with + to time a "
+                             "combination; default: those whose weights install with esclab")
     args = parse_args(parser, "embed", threads=False)
 
     rows = []
