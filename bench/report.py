@@ -1,11 +1,17 @@
 """What every benchmark shares: its --out (and --threads) options, an ESC-50-shaped synthetic dataset for
-the stage benchmarks, and its ending, the result as a table on stdout and as JSON on disk."""
+the stage benchmarks, how repeated measurements are summed up, and its ending, the result as a table on stdout
+and as JSON on disk."""
 
 import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+
+# A paired ratio whose interquartile range is wider than this fraction of its median says nothing either way.
+SPREAD_LIMIT = 0.2
+MIN_ROUNDS = 3  # fewer paired rounds give no spread to judge
 
 
 def parse_args(parser: argparse.ArgumentParser, name: str, *, threads: bool = True) -> argparse.Namespace:
@@ -33,6 +39,27 @@ def synthetic_split(folder: Path, clips_per_class: int, warm_clips: int) -> tupl
     table = write_split(raw, split, n_classes=50, n_folds=5, esc10_only=False)
     table.head(warm_clips).to_csv(warm, index=False)
     return split, warm, table
+
+
+def spread(values) -> dict:
+    """The median of repeated measurements and their interquartile range, [25th, 75th percentile]."""
+    p25, median, p75 = np.percentile(np.asarray(values, dtype=float), [25, 50, 75])
+    return {"median": round(float(median), 3), "iqr": [round(float(p25), 3), round(float(p75), 3)]}
+
+
+def paired_ratio(numerators, denominators, limit: float = SPREAD_LIMIT) -> dict:
+    """Ratios of measurements taken in the same rounds (a_i / b_i), summed up as `spread` does, with a verdict.
+
+    The verdict is "inconclusive" when there are fewer than MIN_ROUNDS pairs, when
+    the ratios' interquartile range contains 1.0 (some rounds say A is faster,
+    some B) or when it is wider than `limit` times the median; otherwise ">1" or
+    "<1", the side of 1.0 the whole range lies on.
+    """
+    ratios = np.asarray(numerators, dtype=float) / np.asarray(denominators, dtype=float)
+    summary = spread(ratios)
+    (low, high), median = summary["iqr"], summary["median"]
+    conclusive = len(ratios) >= MIN_ROUNDS and not low <= 1.0 <= high and high - low <= limit * median
+    return summary | {"verdict": (">1" if low > 1.0 else "<1") if conclusive else "inconclusive"}
 
 
 def report(result: dict, out: Path) -> None:

@@ -4,6 +4,7 @@ Their numbers belong in the notes and the README (`make bench`); this only keeps
 the scripts from rotting between the sessions that have time to run them in full.
 """
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -23,17 +24,46 @@ def bench(name: str, out, *args: str) -> dict:
 def test_features_bench_compares_the_stage_with_a_naive_loop(tmp_path):
     result = bench("features", tmp_path / "features.json", "--clips-per-class", "5")
     assert result["clips"] == 250 and result["stage_clips_per_s"] > 0 and result["naive_librosa_clips_per_s"] > 0
-    assert result["speedup"] == pytest.approx(result["stage_clips_per_s"] / result["naive_librosa_clips_per_s"], rel=0.01)
+    assert result["speedup"] == pytest.approx(result["stage_clips_per_s"] / result["naive_librosa_clips_per_s"],
+                                              rel=0.01)
 
 
-def test_train_step_bench_times_both_loops_for_each_variant(tmp_path):
+def bench_module(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_paired_ratios_conclude_only_when_their_spread_is_narrow_and_on_one_side_of_one():
+    paired_ratio = bench_module("report").paired_ratio
+    slow = [10.0, 10.1, 9.9, 10.0, 10.2]
+    fast = [12.0, 12.5, 13.0, 12.2, 12.8]
+    win = paired_ratio(fast, slow)
+    assert win["verdict"] == ">1" and win["iqr"][0] <= win["median"] <= win["iqr"][1]
+    assert win["median"] == pytest.approx(12.5 / 10.1, abs=1e-3)
+    assert paired_ratio(slow, fast)["verdict"] == "<1"
+    assert paired_ratio([0.95, 1.05, 0.98, 1.03, 1.0], [1.0] * 5)["verdict"] == "inconclusive"  # straddles 1.0
+    wide = [1.1, 1.5, 1.3, 1.9, 1.2]  # interquartile range [1.2, 1.5]: 0.3 > 20 % of the median, 1.3
+    assert paired_ratio(wide, [1.0] * 5)["verdict"] == "inconclusive"
+    assert paired_ratio(wide, [1.0] * 5, limit=0.5)["verdict"] == ">1"
+    assert paired_ratio(fast[:2], slow[:2])["verdict"] == "inconclusive"  # too few rounds to see a spread
+
+
+def test_train_step_bench_times_both_loops_for_each_variant_in_repeated_rounds(tmp_path):
     result = bench("train_step", tmp_path / "train_step.json", "--n-mels", "32", "--frames", "32", "--classes", "5",
-                   "--batch-size", "4", "--warmup", "1", "--steps", "2", "--variants", "fp32,bf16-mixed", "--threads", "1")
-    assert result["input"] == [1, 32, 32] and result["timed_steps"] == 2
+                   "--batch-size", "4", "--warmup", "1", "--steps", "2", "--variants", "fp32,bf16-mixed",
+                   "--threads", "1", "--repeats", "3")
+    assert result["input"] == [1, 32, 32] and result["timed_steps"] == 2 and result["rounds"] == 3
     assert [row["variant"] for row in result["variants"]] == ["fp32", "bf16-mixed"]
     for row in result["variants"]:
-        assert row["plain_samples_per_s"] > 0 and row["lightning_samples_per_s"] > 0
-    assert result["variants"][0]["lightning_over_fp32"] == 1.0
+        for kind in ("plain", "lightning"):
+            low, high = row[f"{kind}_iqr"]
+            assert 0 < low <= row[f"{kind}_samples_per_s"] <= high
+        assert row["lightning_over_plain_verdict"] in {">1", "<1", "inconclusive"}
+    fp32 = result["variants"][0]
+    # fp32 against itself: every round's ratio is 1.0, which no verdict may call a difference
+    assert fp32["lightning_over_fp32"] == 1.0 and fp32["lightning_over_fp32_verdict"] == "inconclusive"
 
 
 @pytest.mark.slow
