@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from esclab.errors import EsclabError
-from esclab.models.backbones.hub import quiet_transformers, resolve
+from esclab.models.backbones.hub import local_folder, quiet_transformers, resolve
 
 
 class Pretrained(nn.Module):
@@ -41,7 +41,7 @@ class Pretrained(nn.Module):
 
         quiet_transformers()
         if config is None:  # training: the checkpoint's weights, a new head
-            folder = resolve(checkpoint, "model.checkpoint").folder
+            folder = local_folder(checkpoint, "model.checkpoint")
             self.network, loading = AutoModelForAudioClassification.from_pretrained(
                 folder, num_labels=n_classes, ignore_mismatched_sizes=True, output_loading_info=True)
             self.extractor = AutoFeatureExtractor.from_pretrained(folder)

@@ -61,6 +61,13 @@ def weights_sha256(folder: Path) -> str:
 
 def resolve(name: str | Path, setting: str) -> Checkpoint:
     """The checkpoint `name` (the value of `setting`) as a local folder with its weights' sha256."""
+    folder = local_folder(name, setting)
+    return Checkpoint(name=str(name), folder=folder, sha256=weights_sha256(folder))
+
+
+def local_folder(name: str | Path, setting: str) -> Path:
+    """The checkpoint `name` (the value of `setting`) as a local folder holding a config and weights, not hashed:
+    for loading it where its hash is already on record (the run key hashed it, models/__init__.py)."""
     if not name:
         raise EsclabError(f"{setting} is not set: name a Hugging Face hub id or a folder written by save_pretrained")
     folder = Path(name).expanduser()
@@ -72,7 +79,7 @@ def resolve(name: str | Path, setting: str) -> Checkpoint:
     if not (folder / "config.json").is_file() or not weight_files(folder):
         raise EsclabError(f"{setting}={name}: {folder} holds no config.json and weights (*.safetensors or *.bin); "
                           f"point it at a folder written by save_pretrained")
-    return Checkpoint(name=str(name), folder=folder, sha256=weights_sha256(folder))
+    return folder
 
 
 def download(repo_id: str, setting: str) -> Path:
