@@ -78,7 +78,8 @@ def measure(family: str, args) -> dict:
             shape = (1, cfg.features.n_mels, 1 + samples // cfg.features.hop_length)
         torch.manual_seed(0)
         module = Classifier(model=c["model"], n_classes=50, input_shape=shape[1:], optimizer=c["optimizer"],
-                            scheduler=c["scheduler"] or None, representation=representation).to(device)
+                            scheduler=c["scheduler"] or None,
+                            preprocessing={"representation": representation}).to(device)
     optimizers = module.configure_optimizers()
     optimizer = optimizers["optimizer"] if isinstance(optimizers, dict) else optimizers
     batch = cfg.train.batch_size

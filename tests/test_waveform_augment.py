@@ -137,7 +137,7 @@ def test_a_waveform_training_epoch_sees_augmented_batches_only_when_asked(tiny_d
     cfg.model = OmegaConf.create({"name": "wave_probe", "input": "waveform"})
     data = fold_data(cfg, 1)
     module = build_classifier(cfg, data)
-    assert module.hparams.representation == "waveform"  # from the cache it trains on
+    assert module.hparams.preprocessing["representation"] == "waveform"  # from the cache it trains on
     seen = []
     module.model.register_forward_pre_hook(lambda network, args: seen.append(args[0].clone()))
     before = [p.detach().clone() for p in module.parameters()]

@@ -21,15 +21,14 @@ from esclab.training.augment import Augment
 
 class Classifier(L.LightningModule):
     """`feature_std` is the training split's log-mel std in dB (FoldData.std): augment.gain's unit.
-    `preprocessing` is what a prediction must do to audio before this network sees it (serving/preprocessing.py);
-    it is only kept, in the checkpoint's hyper-parameters. `class_weights` weigh each class's term of the training
-    loss (training/data.py's balanced_class_weights); None weighs them all 1. `representation` is what the feature
-    cache holds (logmel, waveform, embedding), which decides how augmentations act."""
+    `preprocessing` is what a prediction must do to audio before this network sees it (serving/preprocessing.py),
+    kept in the checkpoint's hyper-parameters; its `representation` (what the feature cache holds: logmel, waveform
+    or embedding; log-mel when absent) decides how augmentations act. `class_weights` weigh each class's term of the
+    training loss (training/data.py's balanced_class_weights); None weighs them all 1."""
 
     def __init__(self, *, model: dict, n_classes: int, input_shape: tuple[int, int], optimizer: dict,
                  scheduler: dict | None = None, augment: dict | None = None, label_smoothing: float = 0.0,
-                 feature_std: float = 1.0, preprocessing: dict | None = None, class_weights: list[float] | None = None,
-                 representation: str = "logmel"):
+                 feature_std: float = 1.0, preprocessing: dict | None = None, class_weights: list[float] | None = None):
         super().__init__()
         # Into the checkpoint only: the Tracker already logs the whole config to the fold's run, and Lightning's
         # copy would add every model/optimizer/augment key a second time, spelt with '/'.
@@ -39,7 +38,8 @@ class Classifier(L.LightningModule):
         # A network built from files that may be gone when this checkpoint is loaded (a pretrained model's folder)
         # names the constructor arguments that rebuild it without them (models/pretrained.py).
         self.hparams.model = model | getattr(self.model, "self_contained", {})
-        self.augment = Augment(augment or {}, std=feature_std, representation=representation)
+        self.augment = Augment(augment or {}, std=feature_std,
+                               representation=(preprocessing or {}).get("representation", "logmel"))
         self.train_acc = MulticlassAccuracy(n_classes, average="micro")
         self.val_acc = MulticlassAccuracy(n_classes, average="micro")
         self.val_balanced_acc = MulticlassAccuracy(n_classes, average="macro")  # the mean of per-class recalls

@@ -90,12 +90,10 @@ def speed_up(network: torch.nn.Module, *, channels_last: bool = False, compile: 
 def build_classifier(cfg: DictConfig, data: FoldData) -> Classifier:
     """The fold's module: network, optimizer, schedule, augmentation, loss and fast-path switches as `cfg` names them."""
     container = OmegaConf.to_container(cfg, resolve=True)
-    preprocessing = preprocessing_of(data)
     module = Classifier(model=container["model"], n_classes=data.n_classes, input_shape=data.input_shape,
                         optimizer=container["optimizer"], scheduler=container["scheduler"] or None,
                         augment=container["augment"], label_smoothing=cfg.train.label_smoothing, feature_std=data.std,
-                        preprocessing=preprocessing, class_weights=class_weights(cfg, data),
-                        representation=preprocessing["representation"])
+                        preprocessing=preprocessing_of(data), class_weights=class_weights(cfg, data))
     speed_up(module.model, channels_last=cfg.train.channels_last, compile=cfg.train.compile)
     return module
 
