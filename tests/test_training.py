@@ -65,7 +65,7 @@ def test_stale_feature_cache_is_detected(tiny_data):
 
 def test_one_fold_writes_checkpoint_predictions_and_history(tiny_data, tmp_path):
     cfg = compose_config(*tiny_overrides(tiny_data, tmp_path, "fold=2", "tracking.log_model=false"))
-    assert train(cfg) is None
+    score = train(cfg)  # fold 2's validation score: its best val/acc, the epoch its kept model comes from
     predictions = pd.read_csv(tmp_path / "reports/folds/2/predictions.csv")
     index = pd.read_csv(tiny_data["features"] / "index.csv")
     assert sorted(predictions["filename"]) == sorted(index.loc[index["fold"] == 2, "filename"])
@@ -73,6 +73,8 @@ def test_one_fold_writes_checkpoint_predictions_and_history(tiny_data, tmp_path)
     assert probs.shape[1] == 5 and np.allclose(probs.sum(axis=1), 1, atol=1e-4)
     history = pd.read_csv(tmp_path / "reports/folds/2/history.csv")
     assert list(history["epoch"]) == [0, 1] and history["val/acc"].notna().all()
+    assert score == json.loads((tmp_path / "reports/folds/2/fold.json").read_text())["best_val"]["val/acc"]
+    assert score == pytest.approx(history["val/acc"].max(), rel=1e-5)  # history.csv keeps 6 digits
     assert (tmp_path / "models/fold_2.ckpt").stat().st_size > 0
     assert not (tmp_path / "models/.fold_2").exists()
 

@@ -75,12 +75,13 @@ def results(cfg: DictConfig) -> None:
 STAGES = {"download": download, "split": split, "features": features, "evaluate": evaluate, "results": results}
 
 
-def run_reporting_errors(fn, cfg: DictConfig) -> None:
-    """Check the config, run a stage; a user-causable error becomes one line on stderr and exit status 1."""
+def run_reporting_errors(fn, cfg: DictConfig):
+    """Check the config, run a stage and return what it returns; a user-causable error becomes one line on stderr
+    and exit status 1."""
     silence_known_noise()
     try:
         check_config(cfg)
-        fn(cfg)
+        return fn(cfg)
     except EsclabError as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise

@@ -4,9 +4,10 @@
 it directly. For each test fold it fits on the other folds, keeps the checkpoint
 with the best validation score, predicts the test fold with it and writes
 `models/fold_<k>.ckpt`, `reports/folds/<k>/predictions.csv`, `history.csv` and
-`fold.json` (the run key that says which config and data made them).
-A whole cross-validation (fold=null) also pools the folds into `reports/`; with
+`fold.json` (the run key that says which config and data made them, and the
+validation score that chose the model). A whole cross-validation (fold=null) also pools the folds into `reports/`; with
 `train.parallel_folds` > 1 its folds train that many at a time, each in its own process.
+`train` returns the validation score, the objective of a hyper-parameter search (conf/hparams_search/).
 """
 
 import json
@@ -131,12 +132,16 @@ def train_fold(cfg: DictConfig, fold: int, tracker: Tracker) -> pd.DataFrame:
     with tracker.fold_run(fold) as run_id:
         predictions, history = fit(cfg, fold, tracker, run_id, target)
         accuracy = float((predictions["pred"] == predictions["label"]).mean())
+        monitor = cfg.train.monitor
+        best_val = best_value(history, monitor)
         tracker.client.log_metric(run_id, "test/acc", accuracy)
+        tracker.client.log_metric(run_id, f"{monitor}_best", best_val)
         write_csv(predictions, reports / "predictions.csv")
         write_csv(history, reports / "history.csv")
         tracker.client.log_artifact(run_id, str(target), artifact_path="checkpoint")
         with atomic_file(record) as tmp:  # written last: the fold counts as finished only once it exists
-            tmp.write_text(json.dumps({"run_key": tracker.key, "test_acc": accuracy}, indent=2) + "\n")
+            tmp.write_text(json.dumps({"run_key": tracker.key, "test_acc": accuracy, "best_val": {monitor: best_val}},
+                                      indent=2) + "\n")
     shutil.rmtree(Path(cfg.paths.models) / f".fold_{fold}", ignore_errors=True)
     log.info("fold %d: test accuracy %.4f (%d files)", fold, accuracy, len(predictions))
     return predictions
@@ -231,6 +236,28 @@ def fit_head(cfg: DictConfig, fold: int, tracker: Tracker, run_id: str, target: 
     return predictions, pd.DataFrame(history)
 
 
+def best_value(history: pd.DataFrame, monitor: str) -> float:
+    """The best `monitor` value in a fold's history: the validation score of the model the fold kept."""
+    values = history[monitor]
+    return float(values.min() if monitor.endswith("loss") else values.max())
+
+
+def validation_score(cfg: DictConfig, folds: list[int]) -> float:
+    """The mean over `folds` of each fold's best `train.monitor` value on its own validation rows.
+
+    This is what a hyper-parameter search optimises (train.py returns it to the
+    sweeper), and no test fold steers it: a fold's validation rows come from its
+    training folds (train.val_fraction, or train.val_fold, never the test fold),
+    its model is the epoch (or C) that scored best on them, and this averages those
+    scores. The test folds only score the chosen models; their pooled metrics go
+    to reports/ and MLflow, never to the search.
+    """
+    reports = Path(cfg.paths.reports) / "folds"
+    scores = [json.loads((reports / str(fold) / "fold.json").read_text())["best_val"][cfg.train.monitor]
+              for fold in folds]
+    return float(np.mean(scores))
+
+
 def resume_point(work: Path, key: str) -> Path | None:
     """The last checkpoint of an unfinished run of this fold with the same config and data, if any.
 
@@ -267,8 +294,8 @@ def write_csv(table: pd.DataFrame, path: Path) -> None:
         table.to_csv(tmp, index=False, float_format="%.6g")
 
 
-def train(cfg: DictConfig) -> dict | None:
-    """Train `cfg.fold`, or every fold and then pool them; returns the pooled metrics if it pooled."""
+def train(cfg: DictConfig) -> float:
+    """Train `cfg.fold`, or every fold and then pool them; returns the validation score of the folds it trained."""
     folds = list(cfg.dataset.folds)
     if cfg.fold is not None and cfg.fold not in folds:
         raise EsclabError(f"fold={cfg.fold} is not a test fold of dataset={cfg.dataset.name}: use one of "
@@ -284,7 +311,7 @@ def train(cfg: DictConfig) -> dict | None:
     if cfg.fold is not None:
         train_fold(cfg, cfg.fold, tracker)
         log.info("MLflow: %s", tracker.ui_url())
-        return None
+        return validation_score(cfg, [cfg.fold])
     try:
         if cfg.train.parallel_folds == 1:  # a positive integer: esclab.config checks it
             for fold in folds:
@@ -294,7 +321,8 @@ def train(cfg: DictConfig) -> dict | None:
     except BaseException:
         tracker.fail()  # also when a fold in another process failed, after the others were done
         raise
-    return evaluate(cfg, tracker)
+    evaluate(cfg, tracker)
+    return validation_score(cfg, folds)
 
 
 def train_folds_in_processes(cfg: DictConfig, folds: list[int], processes: int) -> None:
@@ -321,7 +349,8 @@ def train_fold_alone(cfg: DictConfig, fold: int) -> None:
 
 
 def evaluate(cfg: DictConfig, tracker: Tracker | None = None) -> dict:
-    """Pool the folds' predictions into reports/ and onto the cross-validation's parent run, and end that run."""
+    """Pool the folds' predictions into reports/ and onto the cross-validation's parent run (with the folds'
+    validation score as `<train.monitor>_best_mean`), and end that run."""
     reports = Path(cfg.paths.reports)
     tracker = tracker or Tracker(cfg)
     try:
@@ -330,7 +359,8 @@ def evaluate(cfg: DictConfig, tracker: Tracker | None = None) -> dict:
     except BaseException:
         tracker.fail()
         raise
-    tracker.log_pooled(metrics, reports)
+    score = validation_score(cfg, list(cfg.dataset.folds))
+    tracker.log_pooled(metrics | {f"{cfg.train.monitor}_best_mean": score}, reports)
     log.info("cross-validation: accuracy %.4f +- %.4f", metrics["accuracy_mean"], metrics["accuracy_std"])
     if cfg.tracking.register_as:
         version = tracker.register(cfg.tracking.register_as)
