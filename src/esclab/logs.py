@@ -20,6 +20,12 @@ KNOWN_WARNINGS = [
      "Lightning, when a killed fold resumes: esclab clears a fold's checkpoint folder unless it resumes from it"),
     (r"'(aifc|audioop|sunau)' is deprecated and slated for removal in Python 3\.13", DeprecationWarning,
      "audioread, librosa's fallback decoder, imported by the librosa reference in tests and bench/features.py"),
+    (r"`(consider_prior|prior_weight|consider_magic_clip|consider_endpoints|warn_independent_sampling)` has been "
+     r"deprecated", FutureWarning,
+     "hydra-optuna-sweeper 1.3.0's TPE config, which passes every argument Optuna 2's TPESampler had; Optuna keeps "
+     "them until 6.0 (requirements.lock pins 5.0.0)"),
+    (r"(Int)?(Log|Discrete)?UniformDistribution has been deprecated in v3\.0\.0", FutureWarning,
+     "hydra-optuna-sweeper 1.3.0, which builds Optuna 2's distribution classes; Optuna keeps them until 6.0"),
 ]
 # (logger, start of the message, where it comes from and why it is dropped): log lines, not warnings.
 KNOWN_LOG_LINES = [

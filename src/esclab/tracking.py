@@ -12,12 +12,19 @@ The parent run is RUNNING from the first fold until the evaluate stage has
 pooled the folds, and FAILED as soon as a fold fails, also when each fold is a
 separate `dvc repro` stage, so its duration in the UI is the cross-validation's.
 
+A hyper-parameter search (conf/hparams_search/) adds a level above: each trial's
+cross-validation run is a child of one run for the study (`tracking.study`),
+tagged with its trial number (`tracking.trial`). `StudyRun`, a Hydra callback,
+makes the study's run in the sweep's own process before any trial starts, so
+trials running at once in separate processes all find that one run.
+
 Data hashes are DVC's own md5s (dvc_data computes them exactly as `dvc.lock`
 records them), so an MLflow run can be matched to a `dvc.lock` entry.
 """
 
 import hashlib
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -32,14 +39,19 @@ import mlflow
 import pandas as pd
 import requests
 import torch
+from hydra.experimental.callback import Callback
 from mlflow import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from esclab.errors import EsclabError
 
+log = logging.getLogger(__name__)
+
 DEFAULT_URI = "sqlite:///mlflow.db"
 KEY_TAG = "esclab.run_key"
 FOLD_TAG = "esclab.fold"
+STUDY_TAG = "esclab.study"
+TRIAL_TAG = "esclab.trial"  # a trial's number, or "all" on the study's own run
 HARDWARE_TAG = "esclab.hardware"
 WEIGHTS_TAG = "model.weights.sha256"
 DATA = ("raw", "split", "features")  # the paths.* whose DVC hashes tag every run
@@ -173,6 +185,65 @@ def flat_params(cfg: DictConfig) -> dict[str, str]:
     return {key: json.dumps(value) if isinstance(value, list | dict) else str(value) for key, value in flat.items()}
 
 
+def experiment_id(client: MlflowClient, name: str, uri: str) -> str:
+    """The MLflow experiment `name`, made if new."""
+    experiment = client.get_experiment_by_name(name)
+    return experiment.experiment_id if experiment else client.create_experiment(
+        name, artifact_location=artifact_location(uri))
+
+
+def study_run(client: MlflowClient, experiment: str, study: str, params: dict[str, str] | None = None) -> str:
+    """The run of hyper-parameter search `study` that its trials' runs nest under, found by name or made with
+    `params` (a resumed study keeps its run, and the search space it started with)."""
+    filters = f"tags.`{STUDY_TAG}` = '{study}' and tags.`{TRIAL_TAG}` = 'all'"
+    found = client.search_runs([experiment], filters, max_results=1)
+    if found:
+        return found[0].info.run_id
+    run_id = client.create_run(experiment, run_name=study, tags={STUDY_TAG: study, TRIAL_TAG: "all"}).info.run_id
+    client.log_batch(run_id, params=[mlflow.entities.Param(k, v) for k, v in (params or {}).items()])
+    return run_id
+
+
+class StudyRun(Callback):
+    """Hydra callback of a search (conf/hparams_search/): the study's MLflow run, RUNNING while the sweep runs.
+
+    on_multirun_start runs in the sweep's own process before the sweeper starts any
+    trial, so the run exists before parallel trials look for it (each making it
+    would race). At the end it carries the sweeper's optimization_results.yaml
+    (best parameters and value) and the best value as a metric.
+    """
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        client, experiment, uri = self._experiment(config)
+        sweeper = config.hydra.sweeper
+        params = {f"search.{k}": str(v) for k, v in (sweeper.params or {}).items()}
+        params |= {"direction": str(sweeper.direction), "sampler": sweeper.sampler._target_,
+                   "sampler.seed": str(sweeper.sampler.get("seed")), "storage": str(sweeper.storage)}
+        run_id = study_run(client, experiment, config.tracking.study, params)
+        client.update_run(run_id, status="RUNNING")
+        log.info("MLflow: study %s is run %s (%s)", config.tracking.study, run_id, ui_url(
+            uri if uri.startswith(("http://", "https://")) else UI, experiment))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        client, experiment, _ = self._experiment(config)
+        run_id = study_run(client, experiment, config.tracking.study)
+        results = Path(config.hydra.sweep.dir) / "optimization_results.yaml"
+        if results.is_file():
+            client.log_artifact(run_id, str(results))
+            client.log_metric(run_id, "best_value", float(OmegaConf.load(results).best_value))
+        client.set_terminated(run_id, "FINISHED")
+
+    @staticmethod
+    def _experiment(config: DictConfig) -> tuple[MlflowClient, str, str]:
+        if not config.tracking.study:
+            raise EsclabError("hydra.callbacks has StudyRun but tracking.study is null: name the study "
+                              "(conf/hparams_search/ sets it)")
+        uri = resolve_uri(config.tracking.uri)
+        check_reachable(uri)
+        client = MlflowClient(uri)
+        return client, experiment_id(client, config.tracking.experiment, uri), uri
+
+
 class Tracker:
     """The MLflow side of one cross-validation (or of one of its folds)."""
 
@@ -185,11 +256,12 @@ class Tracker:
         self.tags = (data_tags(cfg.paths) | backbone_tags(Path(cfg.paths.features)) | weights_tags(cfg.model)
                      | git_tags() | {HARDWARE_TAG: hardware()})
         self.key = run_key(cfg, self.tags)
-        experiment = self.client.get_experiment_by_name(cfg.tracking.experiment)
-        self.experiment_id = (experiment.experiment_id if experiment
-                              else self.client.create_experiment(cfg.tracking.experiment,
-                                                                 artifact_location=artifact_location(self.uri)))
-        self.parent_id = self._find_or_create(parent=None)
+        self.experiment_id = experiment_id(self.client, cfg.tracking.experiment, self.uri)
+        study = cfg.tracking.study
+        if study:
+            self.tags |= {STUDY_TAG: study, TRIAL_TAG: str(cfg.tracking.trial)}
+        self.parent_id = self._find_or_create(parent=study_run(self.client, self.experiment_id, study) if study
+                                              else None)
 
     def ui_url(self) -> str:
         """Where to see this experiment's runs: on the tracking server, or on `mlflow ui` for a database."""
