@@ -7,8 +7,12 @@ import sys
 from pathlib import Path
 
 import optuna
+import pytest
 from conftest import REPO, printed_warnings, tiny_overrides
 from mlflow import MlflowClient
+
+from esclab.errors import EsclabError
+from esclab.tracking import StudyRun
 
 STUDY = "cnn4_optuna"
 
@@ -84,7 +88,7 @@ def test_a_local_submitit_sweep_of_optuna_trials_resumes_its_study(tiny_data, tm
 
 
 def test_only_completed_trials_count_towards_n_trials(tmp_path):
-    from hydra_plugins.esclab_sweeper.resumable_optuna import completed_trials
+    from hydra_plugins.esclab_optuna_sweeper import completed_trials
 
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     assert completed_trials(storage, STUDY) == 0  # no study yet
@@ -94,3 +98,12 @@ def test_only_completed_trials_count_towards_n_trials(tmp_path):
     study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)
     study.ask()  # left RUNNING, as by a killed sweep
     assert completed_trials(storage, STUDY) == 2
+
+
+def test_a_direction_that_seeks_the_worst_monitor_is_refused_before_any_trial():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", [f"hparams_search={STUDY}", "train.monitor=val/loss"], return_hydra_config=True)
+    with pytest.raises(EsclabError, match="train.monitor=val/loss: set hydra.sweeper.direction=minimize"):
+        StudyRun().on_multirun_start(cfg)

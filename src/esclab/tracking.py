@@ -85,6 +85,11 @@ def ui_url(base: str, experiment_id: str) -> str:
     return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
+def browse_url(uri: str, experiment_id: str) -> str:
+    """Where to see an experiment's runs: on the tracking server, or on `mlflow ui` for a database."""
+    return ui_url(uri if uri.startswith(("http://", "https://")) else UI, experiment_id)
+
+
 def check_reachable(uri: str) -> None:
     """Fail before training, not an hour later, when a tracking server is down."""
     if not uri.startswith(("http://", "https://")):
@@ -209,20 +214,24 @@ class StudyRun(Callback):
 
     on_multirun_start runs in the sweep's own process before the sweeper starts any
     trial, so the run exists before parallel trials look for it (each making it
-    would race). At the end it carries the sweeper's optimization_results.yaml
+    would race); it also refuses a direction that would seek the worst
+    train.monitor. At the end it carries the sweeper's optimization_results.yaml
     (best parameters and value) and the best value as a metric.
     """
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        sweeper, monitor = config.hydra.sweeper, config.train.monitor
+        direction = "minimize" if monitor.endswith("loss") else "maximize"  # as the folds choose their models
+        if str(sweeper.direction) != direction:
+            raise EsclabError(f"hydra.sweeper.direction={sweeper.direction}, but the trials return the best "
+                              f"train.monitor={monitor}: set hydra.sweeper.direction={direction}")
         client, experiment, uri = self._experiment(config)
-        sweeper = config.hydra.sweeper
         params = {f"search.{k}": str(v) for k, v in (sweeper.params or {}).items()}
         params |= {"direction": str(sweeper.direction), "sampler": sweeper.sampler._target_,
                    "sampler.seed": str(sweeper.sampler.get("seed")), "storage": str(sweeper.storage)}
         run_id = study_run(client, experiment, config.tracking.study, params)
         client.update_run(run_id, status="RUNNING")
-        log.info("MLflow: study %s is run %s (%s)", config.tracking.study, run_id, ui_url(
-            uri if uri.startswith(("http://", "https://")) else UI, experiment))
+        log.info("MLflow: study %s is run %s (%s)", config.tracking.study, run_id, browse_url(uri, experiment))
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         client, experiment, _ = self._experiment(config)
@@ -264,8 +273,7 @@ class Tracker:
                                               else None)
 
     def ui_url(self) -> str:
-        """Where to see this experiment's runs: on the tracking server, or on `mlflow ui` for a database."""
-        return ui_url(self.uri if self.uri.startswith(("http://", "https://")) else UI, self.experiment_id)
+        return browse_url(self.uri, self.experiment_id)
 
     def _find_or_create(self, parent: str | None, fold: int | None = None) -> str:
         filters = [f"tags.`{KEY_TAG}` = '{self.key}'"]
