@@ -5,9 +5,10 @@ it directly. For each test fold it fits on the other folds, keeps the checkpoint
 with the best validation score, predicts the test fold with it and writes
 `models/fold_<k>.ckpt`, `reports/folds/<k>/predictions.csv`, `history.csv` and
 `fold.json` (the run key that says which config and data made them, and the
-validation score that chose the model). A whole cross-validation (fold=null) also pools the folds into `reports/`; with
-`train.parallel_folds` > 1 its folds train that many at a time, each in its own process.
-`train` returns the validation score, the objective of a hyper-parameter search (conf/hparams_search/).
+validation score that chose the model). A whole cross-validation (fold=null)
+also pools the folds into `reports/`; with `train.parallel_folds` > 1 its folds
+train that many at a time, each in its own process. `train` returns the
+validation score, the objective of a hyper-parameter search (conf/hparams_search/).
 """
 
 import json
