@@ -10,6 +10,7 @@ import optuna
 import pytest
 from conftest import REPO, printed_warnings, tiny_overrides
 from mlflow import MlflowClient
+from mlflow.entities import Run
 
 from esclab.errors import EsclabError
 from esclab.tracking import StudyRun
@@ -33,13 +34,17 @@ def sweep(tiny_data: dict[str, Path], out: Path, n_trials: int, n_jobs: int) -> 
     return process.pid
 
 
-def jobs(out: Path) -> dict[str, list[str]]:
-    """submitit's job folders (named by the job's process id): the lines of each job's log."""
-    folders = (out / "sweeps" / STUDY / ".submitit").iterdir()
-    return {f.name: (f / f"{f.name}_0_log.out").read_text().splitlines() for f in folders if f.name.isdigit()}
+def jobs(out: Path) -> dict[str, tuple[str, str]]:
+    """submitit's job folders (named by the job's process id): when each job started and ended, as its log says."""
+    def stamp(log: list[str], event: str) -> str:  # submitit INFO (2026-11-24 18:58:02,799) - Starting with ...
+        return next(line for line in log if event in line).split("(")[1].split(")")[0]
+
+    logs = {f.name: (f / f"{f.name}_0_log.out").read_text().splitlines()
+            for f in (out / "sweeps" / STUDY / ".submitit").iterdir() if f.name.isdigit()}
+    return {pid: (stamp(log, "Starting"), stamp(log, "Job completed successfully")) for pid, log in logs.items()}
 
 
-def trial_runs(client: MlflowClient) -> tuple[str, dict[int, object]]:
+def trial_runs(client: MlflowClient) -> tuple[Run, dict[int, Run]]:
     """The study's run, and its children (each trial's cross-validation run) by trial number."""
     experiment = client.get_experiment_by_name("esclab").experiment_id
     study = client.search_runs([experiment], f"tags.`esclab.study` = '{STUDY}' and tags.`esclab.trial` = 'all'")
@@ -54,10 +59,7 @@ def test_a_local_submitit_sweep_of_optuna_trials_resumes_its_study(tiny_data, tm
     # Two trials, each a process of its own (not the sweep's), running at the same time.
     first_jobs = jobs(tmp_path)
     assert len(first_jobs) == 2 and str(sweeper_pid) not in first_jobs
-    started = [next(line for line in log if "Starting" in line) for log in first_jobs.values()]
-    ended = [next(line for line in log if "Job completed successfully" in line) for log in first_jobs.values()]
-    stamp = lambda line: line.split("(")[1].split(")")[0]  # noqa: E731  submitit's "(2026-11-24 18:58:02,799)"
-    assert max(map(stamp, started)) < min(map(stamp, ended))
+    assert max(start for start, _ in first_jobs.values()) < min(end for _, end in first_jobs.values())
 
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     trials = optuna.load_study(study_name=STUDY, storage=storage).trials
