@@ -7,9 +7,13 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
+import psutil
 import pytest
 import requests
 
@@ -215,30 +219,107 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--artifacts-destination", str(root / "artifacts"),
-         "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
+@contextmanager
+def serving(command: list[str], uri: str, log: Path, env: dict[str, str] | None = None) -> Iterator[str]:
+    """`command` running in a session of its own (output in `log`, `env` added to its environment) once
+    `uri`/health answers; at the end of the block the server and every process it started are stopped, whatever
+    happened."""
+    with log.open("wb") as out:
+        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                  env={**os.environ, **(env or {})})
     try:
         deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and server.poll() is None:
             try:
                 if requests.get(f"{uri}/health", timeout=1).ok:
                     break
             except requests.RequestException:  # refused while starting, or a read timeout on a busy machine
                 time.sleep(0.5)
         else:
-            pytest.fail("mlflow server did not start within 90 s")
+            pytest.fail(f"{command[0]} did not serve {uri} within 90 s:\n{log.read_text()[-3000:]}")
         yield uri
-    finally:  # the server and the workers it started, whatever happened
-        os.killpg(server.pid, signal.SIGTERM)
+    finally:
+        with suppress(ProcessLookupError):  # none left, when it had failed to start
+            os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+        # A server started by a wrapper (make) outlives it while it stops its own workers: wait for all of them.
+        _, alive = psutil.wait_procs(group(server.pid), timeout=30)
+        for process in alive:
+            process.kill()
+
+
+def group(pgid: int) -> list[psutil.Process]:
+    """The live processes of process group `pgid`."""
+    def pgid_of(process: psutil.Process) -> int | None:
+        with suppress(ProcessLookupError, psutil.Error):
+            if process.status() != psutil.STATUS_ZOMBIE:
+                return os.getpgid(process.pid)
+        return None
+    return [process for process in psutil.process_iter() if pgid_of(process) == pgid]
+
+
+# MLflow 3's server also starts a job runner and seven huey consumers for its GenAI jobs (judges, trace archival),
+# which esclab never submits: not started by the tests' servers, whose start and stop they would slow down.
+NO_SERVER_JOBS = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    with serving([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+                  "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+                  "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
+                 f"http://127.0.0.1:{port}", root / "server.log", env=NO_SERVER_JOBS) as uri:
+        yield uri
+
+
+def postgres_bin() -> Path | None:
+    """The folder of PostgreSQL's server programs: initdb's on PATH, else Debian's newest /usr/lib/postgresql/*/bin."""
+    if initdb := shutil.which("initdb"):
+        return Path(initdb).parent
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+                   key=lambda path: [int(part) for part in path.parents[1].name.split(".")])
+    return found[-1].parent if found else None
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[str]:
+    """A PostgreSQL cluster of its own, on a free port of 127.0.0.1 and nowhere else: its superuser's URI (password
+    login, as a team's server has). Made for speed, not safety (fsync off); it and its folder go with the module.
+
+    initdb and postgres refuse to run as root, so as root (CI) they run as the `postgres` user of Debian's package,
+    in a folder under /tmp that it owns: pytest's tmp_path is private to root. Debian's own cluster is not started.
+    """
+    bindir = postgres_bin()
+    if bindir is None:
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL is not installed: `apt-get install -y postgresql`")
+        pytest.skip("needs PostgreSQL's initdb and postgres: `apt-get install -y postgresql` (Debian)")
+    as_user = dict(user="postgres", group="postgres", extra_groups=[]) if os.geteuid() == 0 else {}
+    root = Path(tempfile.mkdtemp(prefix="esclab-postgres-"))
+    if as_user:
+        shutil.chown(root, "postgres", "postgres")
+
+    def pg(program: str, *args: str) -> None:
+        done = subprocess.run([str(bindir / program), *args], cwd=root, capture_output=True, text=True, **as_user)
+        if done.returncode:
+            log = root / "server.log"
+            pytest.fail(f"{program} failed: {done.stderr}{log.read_text() if log.is_file() else ''}")
+
+    password, port = "esclab-tests", free_port()
+    (root / "password").write_text(password)
+    try:
+        pg("initdb", "--pgdata=data", "--username=postgres", "--pwfile=password", "--auth=scram-sha-256",
+           "--encoding=UTF8", "--locale=C", "--no-sync")
+        settings = f"-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories= -c fsync=off"
+        pg("pg_ctl", "--pgdata=data", "--log=server.log", "--wait", "--timeout=60", "-o", settings, "start")
+        try:
+            yield f"postgresql://postgres:{password}@127.0.0.1:{port}/postgres"
+        finally:
+            pg("pg_ctl", "--pgdata=data", "--mode=immediate", "stop")
+    finally:
+        shutil.rmtree(root)
 
 
 def printed_warnings(output: str) -> list[str]:

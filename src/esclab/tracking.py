@@ -34,6 +34,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import mlflow
 import pandas as pd
@@ -91,14 +92,23 @@ def browse_url(uri: str, experiment_id: str) -> str:
 
 
 def check_reachable(uri: str) -> None:
-    """Fail before training, not an hour later, when a tracking server is down."""
+    """Fail before training, not an hour later, when a tracking server is down or refuses the address it is
+    reached by: MLflow answers requests for a Host name other than localhost, a private IP address or its
+    --allowed-hosts with 403, except /health."""
     if not uri.startswith(("http://", "https://")):
         return
     try:
         requests.get(uri.rstrip("/") + "/health", timeout=10).raise_for_status()
+        api = requests.get(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search", params={"max_results": 1},
+                           timeout=10)
     except requests.RequestException as err:
         raise EsclabError(f"MLflow tracking server {uri} is not reachable ({type(err).__name__}): start it, "
                           "or unset MLFLOW_TRACKING_URI (and tracking.uri) to log to sqlite:///mlflow.db") from None
+    if api.status_code == 403 and "Invalid Host header" in api.text:
+        host = urlsplit(uri).netloc
+        raise EsclabError(f"MLflow tracking server {uri} refuses requests addressed to {host}: start it with "
+                          f"--allowed-hosts {host} (make mlflow-server MLFLOW_ALLOWED_HOSTS={host}), "
+                          "or reach it by an address it allows")
 
 
 def dvc_md5(path: Path) -> str:
