@@ -1,5 +1,7 @@
-"""Shared fixtures: small real datasets written to disk by the tests themselves, a real MLflow server."""
+"""Shared fixtures: small real datasets written to disk by the tests themselves, a real MLflow server, a real WebDAV
+server."""
 
+import json
 import os
 import re
 import shutil
@@ -153,8 +155,6 @@ def tiny_clap(tmp_path_factory) -> Path:
     """A randomly initialised CLAP small enough for a test, as save_pretrained writes a hub checkpoint: the model,
     its feature extractor (16 kHz, windows of 1 s, 16 mel bands) and a byte-level BPE tokenizer trained on the
     tiny dataset's class names and the prompts' words. Both towers project to 8 dimensions."""
-    import json
-
     import tokenizers
     import torch
     import transformers as hf
@@ -226,19 +226,50 @@ def mlflow_server(tmp_path_factory):
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(f"{uri}/health", timeout=1).ok:
-                    break
-            except requests.RequestException:  # refused while starting, or a read timeout on a busy machine
-                time.sleep(0.5)
-        else:
-            pytest.fail("mlflow server did not start within 90 s")
+        wait_until_serving(f"{uri}/health", "mlflow server")
         yield uri
     finally:  # the server and the workers it started, whatever happened
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+WEBDAV_USER = ("esclab", "not-a-secret")  # the test WebDAV server's one account: user, password (basic auth)
+
+
+@pytest.fixture(scope="module")
+def webdav_server(tmp_path_factory):
+    """A real WebDAV server (WsgiDAV on cheroot) on a free port of 127.0.0.1 that lets in WEBDAV_USER only, sharing
+    an empty folder; yields that folder as a DVC remote URL. The folder exists beforehand, as on a real server: DVC's
+    WebDAV client makes the folders below a remote's URL, never the URL's own."""
+    root = tmp_path_factory.mktemp("webdav")
+    (root / "share/esclab").mkdir(parents=True)
+    port = free_port()
+    user, password = WEBDAV_USER
+    config = {"host": "127.0.0.1", "port": port, "provider_mapping": {"/": str(root / "share")},
+              "http_authenticator": {"accept_basic": True, "accept_digest": False, "default_to_digest": False},
+              "simple_dc": {"user_mapping": {"*": {user: {"password": password}}}}, "verbose": 1}
+    (root / "wsgidav.json").write_text(json.dumps(config))
+    server = subprocess.Popen([str(Path(sys.executable).parent / "wsgidav"), "--config", str(root / "wsgidav.json")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_until_serving(f"http://127.0.0.1:{port}/esclab/", "WsgiDAV", auth=WEBDAV_USER)
+        yield f"webdav://127.0.0.1:{port}/esclab"
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def wait_until_serving(url: str, name: str, auth: tuple[str, str] | None = None) -> None:
+    """Return once a GET of `url` succeeds; fail the test if the server `name` has not answered so within 90 s."""
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(url, auth=auth, timeout=1).ok:
+                return
+        except requests.RequestException:  # refused while starting, or a read timeout on a busy machine
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"{name} did not start within 90 s")
 
 
 def printed_warnings(output: str) -> list[str]:
