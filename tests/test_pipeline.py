@@ -230,12 +230,57 @@ FOLDER_SMALL = [*SMALL_FEATURES, "trainer.max_epochs=1", "trainer.enable_progres
 
 @pytest.fixture(scope="module")
 def folder_repro(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """dataset=synthetic_folder's grouped 3 folds through the real `dvc repro` in a temp repo, run once for the tests
-    that share it: the repo and the run. One test moves the repo on to the holdout split, the other pushes whatever
-    state it finds, so either may run first."""
+    """dataset=synthetic_folder's grouped 3 folds through the real `dvc repro` in a temp repo, run once for the two
+    tests below, in their order: the first pushes the run to a remote as it is, the second then moves the repo on to
+    the holdout split. The repo and the run."""
     repo = git_dvc_repo(tmp_path_factory.mktemp("folder_repro") / "repo")
     write_params(repo, "dataset=synthetic_folder", "dataset.n_folds=3", *FOLDER_SMALL)
     return repo, run(repo, "dvc", "repro")
+
+
+def output_digests(repo: Path) -> dict[str, str]:
+    """The md5 of every file of every output of the stages that dvc.yaml defines now (the metrics too), by path in
+    the repo: what `dvc pull` fetches. Not dvc.lock's list, which keeps the foreach items that are gone."""
+    from dvc.repo import Repo
+
+    with Repo(str(repo)) as dvc:
+        outs = [repo / out.def_path for out in dvc.index.outs]
+    files = [file for out in outs for file in ([out] if out.is_file() else sorted(out.rglob("*"))) if file.is_file()]
+    return {str(file.relative_to(repo)): hashlib.md5(file.read_bytes()).hexdigest() for file in files}
+
+
+@pytest.mark.slow
+def test_a_fresh_clone_pulls_every_output_from_a_webdav_remote_and_recomputes_nothing(folder_repro, webdav_server,
+                                                                                       tmp_path):
+    """`dvc push` of a pipeline's outputs to a real WebDAV server, its credentials kept out of git (`--local`); then
+    a `git clone`: `dvc pull` refused without the credentials, and with them every stage output arrives byte for byte
+    (raw data, split, features, checkpoints, reports) and `dvc repro` finds nothing to run."""
+    repo, first = folder_repro
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert yaml.safe_load((repo / "params.yaml").read_text())["dataset"]["folds"] == [1, 2, 3], (
+        "this test pushes the 3-fold run, so it runs before the next test moves the repo on to the holdout split")
+    user, password = WEBDAV_USER
+    credentials = [("dvc", "remote", "modify", "--local", "storage", "user", user),
+                   ("dvc", "remote", "modify", "--local", "storage", "password", password)]
+    for cmd in [("dvc", "remote", "add", "-d", "storage", webdav_server), *credentials, ("git", "add", "-A"),
+                ("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "pipeline"), ("dvc", "push")]:
+        done = run(repo, *cmd)
+        assert done.returncode == 0, (cmd, done.stdout[-3000:] + done.stderr[-3000:])
+
+    clone = tmp_path / "clone"
+    assert run(tmp_path, "git", "clone", "-q", str(repo), str(clone)).returncode == 0
+    refused = run(clone, "dvc", "pull")  # the server answers 401, which DVC may report as files missing on the remote
+    assert refused.returncode != 0 and not (clone / "models/fold_1.ckpt").exists(), refused.stdout + refused.stderr
+    for cmd in credentials:
+        assert run(clone, *cmd).returncode == 0
+    pulled = run(clone, "dvc", "pull")
+    assert pulled.returncode == 0, pulled.stdout[-3000:] + pulled.stderr[-3000:]
+    outputs = output_digests(repo)
+    assert {"data/features/synthetic_folder/logmel.npy", *(f"models/fold_{k}.ckpt" for k in (1, 2, 3)),
+            "reports/metrics.json"} <= set(outputs)
+    assert output_digests(clone) == outputs
+    again = run(clone, "dvc", "repro")
+    assert again.returncode == 0 and stages_run(again) == set(), again.stdout + again.stderr
 
 
 @pytest.mark.slow
@@ -276,45 +321,6 @@ def test_repro_on_a_folder_per_class_with_grouped_folds_then_train_py(folder_rep
     assert adhoc.returncode == 0, adhoc.stdout[-3000:] + adhoc.stderr[-3000:]
     assert json.loads((out / "reports/metrics.json").read_text())["n_clips"] == metrics["n_clips"]
     assert not (out / "reports/folds/2").exists()  # the validation part is never a test fold
-
-
-def output_digests(repo: Path) -> dict[str, str]:
-    """The md5 of every file of every stage output that dvc.lock records (the metrics too), by path in the repo."""
-    stages = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
-    outs = [repo / out["path"] for stage in stages.values() for out in stage["outs"]]
-    files = [file for out in outs for file in ([out] if out.is_file() else sorted(out.rglob("*"))) if file.is_file()]
-    return {str(file.relative_to(repo)): hashlib.md5(file.read_bytes()).hexdigest() for file in files}
-
-
-@pytest.mark.slow
-def test_a_fresh_clone_pulls_every_output_from_a_webdav_remote_and_recomputes_nothing(folder_repro, webdav_server,
-                                                                                       tmp_path):
-    """`dvc push` of a pipeline's outputs to a real WebDAV server, its credentials kept out of git (`--local`); then
-    a `git clone`: `dvc pull` refused without the credentials, and with them every stage output arrives byte for byte
-    (raw data, split, features, checkpoints, reports) and `dvc repro` finds nothing to run."""
-    repo, first = folder_repro
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    user, password = WEBDAV_USER
-    credentials = [("dvc", "remote", "modify", "--local", "storage", "user", user),
-                   ("dvc", "remote", "modify", "--local", "storage", "password", password)]
-    for cmd in [("dvc", "remote", "add", "-d", "storage", webdav_server), *credentials, ("git", "add", "-A"),
-                ("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "pipeline"), ("dvc", "push")]:
-        done = run(repo, *cmd)
-        assert done.returncode == 0, (cmd, done.stdout[-3000:] + done.stderr[-3000:])
-
-    clone = tmp_path / "clone"
-    assert run(tmp_path, "git", "clone", "-q", str(repo), str(clone)).returncode == 0
-    refused = run(clone, "dvc", "pull")  # the server answers 401, which DVC may report as files missing on the remote
-    assert refused.returncode != 0 and not (clone / "models/fold_1.ckpt").exists(), refused.stdout + refused.stderr
-    for cmd in credentials:
-        assert run(clone, *cmd).returncode == 0
-    pulled = run(clone, "dvc", "pull")
-    assert pulled.returncode == 0, pulled.stdout[-3000:] + pulled.stderr[-3000:]
-    outputs = output_digests(repo)
-    assert {"data/features/synthetic_folder/logmel.npy", "models/fold_1.ckpt", "reports/metrics.json"} <= set(outputs)
-    assert output_digests(clone) == outputs
-    again = run(clone, "dvc", "repro")
-    assert again.returncode == 0 and stages_run(again) == set(), again.stdout + again.stderr
 
 
 @pytest.mark.slow
