@@ -1,5 +1,7 @@
-"""Shared fixtures: small real datasets written to disk by the tests themselves, a real MLflow server."""
+"""Shared fixtures: small real datasets written to disk by the tests themselves, a real MLflow server, a real WebDAV
+server."""
 
+import json
 import os
 import re
 import shutil
@@ -157,8 +159,6 @@ def tiny_clap(tmp_path_factory) -> Path:
     """A randomly initialised CLAP small enough for a test, as save_pretrained writes a hub checkpoint: the model,
     its feature extractor (16 kHz, windows of 1 s, 16 mel bands) and a byte-level BPE tokenizer trained on the
     tiny dataset's class names and the prompts' words. Both towers project to 8 dimensions."""
-    import json
-
     import tokenizers
     import torch
     import transformers as hf
@@ -220,10 +220,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def serving(command: list[str], uri: str, log: Path, env: dict[str, str] | None = None) -> Iterator[str]:
-    """`command` running in a session of its own (output in `log`, `env` added to its environment) once
-    `uri`/health answers; at the end of the block the server and every process it started are stopped, whatever
-    happened."""
+def serving(command: list[str], ready: str, log: Path, env: dict[str, str] | None = None,
+            auth: tuple[str, str] | None = None) -> Iterator[None]:
+    """`command` running in a session of its own (output in `log`, `env` added to its environment) once a GET of
+    `ready` (with basic `auth`) answers; at the end of the block the server and every process it started are
+    stopped, whatever happened."""
     with log.open("wb") as out:
         server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                   env={**os.environ, **(env or {})})
@@ -231,13 +232,14 @@ def serving(command: list[str], uri: str, log: Path, env: dict[str, str] | None 
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline and server.poll() is None:
             try:
-                if requests.get(f"{uri}/health", timeout=1).ok:
+                if requests.get(ready, auth=auth, timeout=1).ok:
                     break
             except requests.RequestException:  # refused while starting, or a read timeout on a busy machine
-                time.sleep(0.5)
+                pass
+            time.sleep(0.5)
         else:
-            pytest.fail(f"{command[0]} did not serve {uri} within 90 s:\n{log.read_text()[-3000:]}")
-        yield uri
+            pytest.fail(f"{command[0]} did not serve {ready} within 90 s:\n{log.read_text()[-3000:]}")
+        yield
     finally:
         with suppress(ProcessLookupError):  # none left, when it had failed to start
             os.killpg(server.pid, signal.SIGTERM)
@@ -270,8 +272,8 @@ def mlflow_server(tmp_path_factory):
     with serving([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
                   "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
                   "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
-                 f"http://127.0.0.1:{port}", root / "server.log", env=NO_SERVER_JOBS) as uri:
-        yield uri
+                 f"http://127.0.0.1:{port}/health", root / "server.log", env=NO_SERVER_JOBS):
+        yield f"http://127.0.0.1:{port}"
 
 
 def postgres_bin() -> Path | None:
@@ -320,6 +322,27 @@ def postgres() -> Iterator[str]:
             pg("pg_ctl", "--pgdata=data", "--mode=immediate", "stop")
     finally:
         shutil.rmtree(root)
+
+
+WEBDAV_USER = ("esclab", "not-a-secret")  # the test WebDAV server's one account: user, password (basic auth)
+
+
+@pytest.fixture(scope="module")
+def webdav_server(tmp_path_factory):
+    """A real WebDAV server (WsgiDAV on cheroot) on a free port of 127.0.0.1 that lets in WEBDAV_USER only, sharing
+    an empty folder; yields that folder as a DVC remote URL. The folder exists beforehand, as on a real server: DVC's
+    WebDAV client makes the folders below a remote's URL, never the URL's own."""
+    root = tmp_path_factory.mktemp("webdav")
+    (root / "share/esclab").mkdir(parents=True)
+    port = free_port()
+    user, password = WEBDAV_USER
+    config = {"host": "127.0.0.1", "port": port, "provider_mapping": {"/": str(root / "share")},
+              "http_authenticator": {"accept_basic": True, "accept_digest": False, "default_to_digest": False},
+              "simple_dc": {"user_mapping": {"*": {user: {"password": password}}}}, "verbose": 1}
+    (root / "wsgidav.json").write_text(json.dumps(config))
+    with serving([str(Path(sys.executable).parent / "wsgidav"), "--config", str(root / "wsgidav.json")],
+                 f"http://127.0.0.1:{port}/esclab/", root / "wsgidav.log", auth=WEBDAV_USER):
+        yield f"webdav://127.0.0.1:{port}/esclab"
 
 
 def printed_warnings(output: str) -> list[str]:

@@ -33,8 +33,9 @@ def team_server(postgres, tmp_path_factory):
                "MLFLOW_HOST=127.0.0.1", f"MLFLOW_PORT={port}", "MLFLOW_WORKERS=1",
                f"MLFLOW_ALLOWED_HOSTS=127.0.0.1:{port}"]
     env = {"PGPASSWORD": PASSWORD} | NO_SERVER_JOBS
-    with serving(command, f"http://127.0.0.1:{port}", root / "server.log", env) as uri:
-        yield uri, database.set(password=PASSWORD).render_as_string(hide_password=False), root / "artifacts"
+    with serving(command, f"http://127.0.0.1:{port}/health", root / "server.log", env):
+        uri = database.set(password=PASSWORD).render_as_string(hide_password=False)
+        yield f"http://127.0.0.1:{port}", uri, root / "artifacts"
 
 
 def train_fold_1(tiny_data: dict[str, Path], out: Path, server: str) -> None:

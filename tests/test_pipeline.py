@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO, TINY, TINY_FEATURES, printed_warnings
+from conftest import REPO, TINY, TINY_FEATURES, WEBDAV_USER, printed_warnings
 from http_server import ArchiveServer
 
 from esclab.data.synthetic import URBANSOUND_CLASSES, write_archive, write_urbansound_archive
@@ -224,17 +224,71 @@ def test_demo_reproduces_readme_then_nothing_to_do_a_restored_fold_and_experimen
     assert len(json.loads((repo / "reports/metrics.json").read_text())["fold_accuracy"]) == 5
 
 
+FOLDER_SMALL = [*SMALL_FEATURES, "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "train.batch_size=8",
+                "lr=1e-3", "tracking.log_model=false"]
+
+
+@pytest.fixture(scope="module")
+def folder_repro(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """dataset=synthetic_folder's grouped 3 folds through the real `dvc repro` in a temp repo, run once for the two
+    tests below, in their order: the first pushes the run to a remote as it is, the second then moves the repo on to
+    the holdout split. The repo and the run."""
+    repo = git_dvc_repo(tmp_path_factory.mktemp("folder_repro") / "repo")
+    write_params(repo, "dataset=synthetic_folder", "dataset.n_folds=3", *FOLDER_SMALL)
+    return repo, run(repo, "dvc", "repro")
+
+
+def output_digests(repo: Path) -> dict[str, str]:
+    """The md5 of every file of every output of the stages that dvc.yaml defines now (the metrics too), by path in
+    the repo: what `dvc pull` fetches. Not dvc.lock's list, which keeps the foreach items that are gone."""
+    from dvc.repo import Repo
+
+    with Repo(str(repo)) as dvc:
+        outs = [repo / out.def_path for out in dvc.index.outs]
+    files = [file for out in outs for file in ([out] if out.is_file() else sorted(out.rglob("*"))) if file.is_file()]
+    return {str(file.relative_to(repo)): hashlib.md5(file.read_bytes()).hexdigest() for file in files}
+
+
 @pytest.mark.slow
-def test_repro_on_a_folder_per_class_with_grouped_folds_then_train_py(tmp_path):
+def test_a_fresh_clone_pulls_every_output_from_a_webdav_remote_and_recomputes_nothing(folder_repro, webdav_server,
+                                                                                       tmp_path):
+    """`dvc push` of a pipeline's outputs to a real WebDAV server, its credentials kept out of git (`--local`); then
+    a `git clone`: `dvc pull` refused without the credentials, and with them every stage output arrives byte for byte
+    (raw data, split, features, checkpoints, reports) and `dvc repro` finds nothing to run."""
+    repo, first = folder_repro
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert yaml.safe_load((repo / "params.yaml").read_text())["dataset"]["folds"] == [1, 2, 3], (
+        "this test pushes the 3-fold run, so it runs before the next test moves the repo on to the holdout split")
+    user, password = WEBDAV_USER
+    credentials = [("dvc", "remote", "modify", "--local", "storage", "user", user),
+                   ("dvc", "remote", "modify", "--local", "storage", "password", password)]
+    for cmd in [("dvc", "remote", "add", "-d", "storage", webdav_server), *credentials, ("git", "add", "-A"),
+                ("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "pipeline"), ("dvc", "push")]:
+        done = run(repo, *cmd)
+        assert done.returncode == 0, (cmd, done.stdout[-3000:] + done.stderr[-3000:])
+
+    clone = tmp_path / "clone"
+    assert run(tmp_path, "git", "clone", "-q", str(repo), str(clone)).returncode == 0
+    refused = run(clone, "dvc", "pull")  # the server answers 401, which DVC may report as files missing on the remote
+    assert refused.returncode != 0 and not (clone / "models/fold_1.ckpt").exists(), refused.stdout + refused.stderr
+    for cmd in credentials:
+        assert run(clone, *cmd).returncode == 0
+    pulled = run(clone, "dvc", "pull")
+    assert pulled.returncode == 0, pulled.stdout[-3000:] + pulled.stderr[-3000:]
+    outputs = output_digests(repo)
+    assert {"data/features/synthetic_folder/logmel.npy", *(f"models/fold_{k}.ckpt" for k in (1, 2, 3)),
+            "reports/metrics.json"} <= set(outputs)
+    assert output_digests(clone) == outputs
+    again = run(clone, "dvc", "repro")
+    assert again.returncode == 0 and stages_run(again) == set(), again.stdout + again.stderr
+
+
+@pytest.mark.slow
+def test_repro_on_a_folder_per_class_with_grouped_folds_then_train_py(folder_repro, tmp_path):
     """dataset=synthetic_folder through the real `dvc repro`: the tree generated and copied, grouped 3-fold split (a
     fold count other than ESC-50's five, so three train stages), features of files of every length, rate and format,
     pooled metrics; then the holdout split through `dvc repro` and `python train.py`."""
-    repo = git_dvc_repo(tmp_path / "repo")
-    small = [*SMALL_FEATURES, "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "train.batch_size=8",
-             "lr=1e-3", "tracking.log_model=false"]
-    write_params(repo, "dataset=synthetic_folder", "dataset.n_folds=3", *small)
-
-    first = run(repo, "dvc", "repro")
+    repo, first = folder_repro
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert stages_run(first) == {"download", "split", "features", "train@1", "train@2", "train@3", "evaluate"}
     table = pd.read_csv(repo / "data/splits/synthetic_folder.csv")
@@ -251,7 +305,7 @@ def test_repro_on_a_folder_per_class_with_grouped_folds_then_train_py(tmp_path):
     assert again.returncode == 0 and "Running stage" not in again.stdout, again.stdout
 
     # The seeds' 70/15/15 holdout: one test part, so one train stage, validated on the validation part.
-    holdout = ["dataset=synthetic_folder", "dataset.folder.split=holdout", *small]
+    holdout = ["dataset=synthetic_folder", "dataset.folder.split=holdout", *FOLDER_SMALL]
     write_params(repo, *holdout)
     split = run(repo, "dvc", "repro")
     assert split.returncode == 0, split.stdout[-3000:] + split.stderr[-3000:]
