@@ -206,11 +206,19 @@ def esclab(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subproce
 
 
 def pytest_configure(config):
-    """The warnings esclab silences in its own processes (esclab/logs.py), silenced here too; every other one shows."""
+    """The warnings esclab silences in its own processes (esclab/logs.py), silenced here too; every other one shows.
+
+    pytest runs the tests in a worker process per core (pytest-xdist, pyproject.toml): each worker, and every command
+    its tests start, computes with one thread, so the workers share the cores instead of fighting over them."""
     from esclab.logs import pytest_filters
 
     for line in pytest_filters():
         config.addinivalue_line("filterwarnings", line)
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 
 
 def free_port() -> int:
