@@ -95,11 +95,11 @@ GPU_ACCELERATORS = ("auto", "gpu", "cuda")
 
 
 def visible_gpus() -> list[str]:
-    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES names them (NVML counts them without starting CUDA)."""
+    """The GPUs this process may use, named as CUDA_VISIBLE_DEVICES names them (an index, a UUID or a MIG id)."""
+    count = torch.cuda.device_count()
     listed = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if listed is not None:
-        return [device.strip() for device in listed.split(",") if device.strip()]
-    return [str(i) for i in range(torch.cuda.device_count())]
+    names = [name.strip() for name in listed.split(",")] if listed else [str(i) for i in range(count)]
+    return names[:count]
 
 
 def device_slots(accelerator: str, processes: int, gpus: list[str]) -> list[str]:

@@ -42,17 +42,9 @@ from esclab.models import model_settings
 from esclab.models.heads import HEADS, candidates, class_probabilities
 from esclab.serving.preprocessing import preprocessing_of
 from esclab.tracking import Tracker
+from esclab.training import distributed
 from esclab.training.augment import check as check_augment
 from esclab.training.data import FoldData, balanced_class_weights, check_cache
-from esclab.training.distributed import (
-    check_launch,
-    check_parallel_folds,
-    device_slots,
-    effective_batch_size,
-    every_row_once,
-    is_rank_zero,
-    visible_gpus,
-)
 from esclab.training.history import EpochHistory
 from esclab.training.module import Classifier
 from esclab.training.seeding import BatchSeed
@@ -185,15 +177,16 @@ def fit_network(cfg: DictConfig, fold: int, tracker: Tracker, run_id: str | None
     logger = MLFlowLogger(tracking_uri=tracker.uri, run_id=run_id, log_model=False)
     trainer = L.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), logger=logger, callbacks=callbacks,
                         default_root_dir=work, enable_model_summary=False)
-    check_launch(trainer)
-    logger.log_hyperparams({"train.effective_batch_size": effective_batch_size(trainer, cfg.train.batch_size)})
+    distributed.check_launch(trainer)
+    clips_per_step = distributed.effective_batch_size(trainer, cfg.train.batch_size)
+    logger.log_hyperparams({"train.effective_batch_size": clips_per_step})
     trainer.fit(module, datamodule=data, ckpt_path=resume)
     best = Classifier.load_from_checkpoint(checkpoint.best_model_path, map_location="cpu")
     # Not compiled: compiling pays off over many training steps, not over one pass of the test fold.
     speed_up(best.model, channels_last=cfg.train.channels_last)
     batches = trainer.predict(best, datamodule=data)
-    predicted = every_row_once(trainer, torch.cat([r for r, _ in batches]).cpu().numpy(),
-                               torch.cat([p for _, p in batches]).cpu().numpy())
+    predicted = distributed.every_row_once(trainer, torch.cat([r for r, _ in batches]).cpu().numpy(),
+                                           torch.cat([p for _, p in batches]).cpu().numpy())
     if predicted is None:
         return None
     rows, probs = predicted
@@ -310,8 +303,9 @@ def train(cfg: DictConfig) -> dict | None:
                           "every training row at once: set train.sampler=shuffle (train.class_weights=balanced weighs "
                           "the classes for a head too)")
     check_cache(Path(cfg.paths.features), representation(cfg.features), cache_settings(cfg.features))
-    check_parallel_folds(cfg.train.parallel_folds, cfg.trainer.devices, cfg.trainer.get("num_nodes", 1))
-    tracker = Tracker(cfg, active=is_rank_zero())  # creates the parent run before any fold process looks for it
+    distributed.check_parallel_folds(cfg.train.parallel_folds, cfg.trainer.devices, cfg.trainer.get("num_nodes", 1))
+    # Creates the parent run before any fold process looks for it; under DDP only rank zero's does.
+    tracker = Tracker(cfg, active=distributed.is_rank_zero())
     if cfg.fold is not None:
         train_fold(cfg, cfg.fold, tracker)
         if tracker.active:
@@ -344,7 +338,8 @@ def train_folds_in_processes(cfg: DictConfig, folds: list[int], processes: int) 
     processes = min(processes, len(folds))
     with Manager() as manager, ProcessPoolExecutor(processes, mp_context=spawn, max_tasks_per_child=1) as pool:
         free_gpus = manager.Queue()
-        for gpu in device_slots(cfg.trainer.accelerator, processes, visible_gpus()) or [None] * processes:
+        gpus = distributed.device_slots(cfg.trainer.accelerator, processes, distributed.visible_gpus())
+        for gpu in gpus or [None] * processes:
             free_gpus.put(gpu)
         for future in [pool.submit(train_fold_alone, cfg, fold, free_gpus) for fold in folds]:
             future.result()
