@@ -18,8 +18,10 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
 
 from esclab.errors import EsclabError
+from esclab.training.data import FoldData
 from esclab.training.distributed import device_slots
 from esclab.training.run import resume_point, train
 
@@ -78,6 +80,16 @@ def test_ddp_trainer_configs_are_lightning_trainer_arguments(name):
     assert trainer.world_size == settings["devices"] * settings.get("num_nodes", 1) > 1
     assert isinstance(trainer.strategy, DDPStrategy)
     assert isinstance(trainer.strategy.launcher, _SubprocessScriptLauncher)  # `ddp`: the command starts again
+
+
+def test_under_ddp_batches_come_from_dataloaders_that_lightning_shares_out(tiny_data):
+    data = FoldData(tiny_data["features"], test_fold=1, resident=True)
+    data.setup()
+    data.trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)  # built, not launched
+    with pytest.raises(EsclabError, match="train.resident=true keeps every row on each of 2 processes"):
+        data.train_dataloader()
+    data.resident = "auto"
+    assert isinstance(data.train_dataloader(), DataLoader)
 
 
 def test_folds_take_the_visible_gpus_in_turn():
