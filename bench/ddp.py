@@ -6,11 +6,15 @@ of ESC-50's shape built first by the download, split and features stages. The
 speed is the fold's training clips over its steady epoch time (the spacing of
 its per-epoch MLflow records, the first epoch left out, validation included);
 the rounds alternate the two set-ups, and their paired ratio says whether DDP
-is faster. Every process gets --threads torch threads (default: Lightning gives each
-DDP process cores / processes, one process all of them).
+is faster. Both use the same cores: each DDP process gets --threads torch threads,
+the one process --devices x --threads (default: torch's and Lightning's choice,
+cores / processes each).
 
-    python bench/ddp.py --threads 1              # 1 process vs trainer=ddp_cpu (2 processes), a thread each
+    python bench/ddp.py --threads 1              # 1 process, 2 threads vs trainer=ddp_cpu: 2 processes, 1 thread
     python bench/ddp.py --devices 4 --threads 4  # on a machine with 16 cores
+    python bench/ddp.py --threads 1 --clips-per-class 10 dataset.synthetic.duration=1.0 \
+        dataset.synthetic.sample_rate=16000 features.sample_rate=16000 features.duration=1.0 \
+        features.n_fft=512 features.hop_length=128 features.n_mels=32   # 1-s clips, 32 x 126 log-mels: quick
 
 On one machine's cores DDP splits the same cores among processes and adds a
 gradient all-reduce per step: expect no speed-up; this measures that overhead.
@@ -38,12 +42,13 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="further Hydra overrides for both set-ups")
     parser.add_argument("--devices", type=int, default=2, help="DDP processes")
     parser.add_argument("--epochs", type=int, default=3, help="epochs per run (the first is not timed)")
-    parser.add_argument("--clips-per-class", type=int, default=8, help="ESC-50 has 40")
+    parser.add_argument("--clips-per-class", type=int, default=8, help="at least 5 (a clip per fold); ESC-50 has 40")
     parser.add_argument("--repeats", type=int, default=3, help="rounds, each one run of either set-up")
     args = parse_args(parser, "ddp")
     if args.epochs < 2:
         parser.error("--epochs must be 2 or more: the first epoch (warm-up) is not timed")
     setups = {"one_process": [], "ddp": ["trainer=ddp_cpu", f"trainer.devices={args.devices}"]}
+    threads = {"one_process": args.threads and args.threads * args.devices, "ddp": args.threads}
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -63,15 +68,15 @@ def main() -> None:
                            "trainer.enable_progress_bar=false", "tracking.log_model=false", "tracking.register_as=null",
                            f"paths.models={out / 'models'}", f"paths.reports={out / 'reports'}", f"tracking.uri={uri}"]
                 start = time.perf_counter()
-                threads = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
-                subprocess.run(command, cwd=tmp, check=True, capture_output=True, env=os.environ | threads)
+                omp = {"OMP_NUM_THREADS": str(threads[name])} if threads[name] else {}
+                subprocess.run(command, cwd=tmp, check=True, capture_output=True, env=os.environ | omp)
                 epoch_s = steady_epoch_seconds(uri, cfg.tracking.experiment)
                 speeds[name].append(n_train / epoch_s)
                 print(f"round {round_} {name}: {n_train / epoch_s:.1f} clips/s, {time.perf_counter() - start:.0f} s")
 
     report({
         "devices": args.devices,
-        "threads_per_process": args.threads or "default",
+        "threads": {name: n or "default" for name, n in threads.items()},  # per process
         "cpu_cores": os.cpu_count(),
         "overrides": args.overrides,
         "train_clips": n_train,
