@@ -16,8 +16,9 @@ cores / processes each).
         dataset.synthetic.sample_rate=16000 features.sample_rate=16000 features.duration=1.0 \
         features.n_fft=512 features.hop_length=128 features.n_mels=32   # 1-s clips, 32 x 126 log-mels: quick
 
-On one machine's cores DDP splits the same cores among processes and adds a
-gradient all-reduce per step: expect no speed-up; this measures that overhead.
+On one machine's cores DDP shares the same cores out among processes and adds a
+gradient all-reduce per step; whether that beats one process's threads depends
+on how well the network's operations spread over threads (small ones do badly).
 """
 
 import argparse

@@ -39,16 +39,14 @@ def ddp_run(tiny_data, tmp_path_factory):
 
 
 def test_two_ddp_processes_train_a_fold_and_write_its_outputs_once(tiny_data, ddp_run):
-    tmp_path = ddp_run
-
-    reports = tmp_path / "reports/folds/2"
+    reports = ddp_run / "reports/folds/2"
     predictions = pd.read_csv(reports / "predictions.csv")
     index = pd.read_csv(tiny_data["features"] / "index.csv")
     assert list(predictions["filename"]) == list(index.loc[index["fold"] == 2, "filename"])  # each clip once, in order
     assert list(pd.read_csv(reports / "history.csv")["epoch"]) == [0, 1]
-    assert (tmp_path / "models/fold_2.ckpt").stat().st_size > 0 and not (tmp_path / "models/.fold_2").exists()
+    assert (ddp_run / "models/fold_2.ckpt").stat().st_size > 0 and not (ddp_run / "models/.fold_2").exists()
 
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{ddp_run / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("esclab").experiment_id])
     assert sorted(r.data.tags["esclab.fold"] for r in runs) == ["2", "all"]  # no run of the second process
     parent, child = sorted(runs, key=lambda r: r.data.tags["esclab.fold"] == "2")
@@ -62,13 +60,13 @@ def test_two_ddp_processes_train_a_fold_and_write_its_outputs_once(tiny_data, dd
 
 def test_launches_the_fold_loop_cannot_follow_are_refused(tiny_data, ddp_run, tmp_path):
     shutil.copy(ddp_run / "mlflow.db", tmp_path)  # an MLflow store already made: creating one takes seconds
-    refused = {
-        "trainer=ddp_cpu": r"starts this command again once per device: run it as `python train.py",
-        "trainer.strategy=ddp_spawn": r"starts its processes inside fit.*trainer.strategy=ddp",
-        "train.parallel_folds=2": r"train.parallel_folds=2 trains each fold in its own process on one device",
-    }
-    for extra, message in refused.items():
-        cfg = compose_config(*tiny_overrides(tiny_data, tmp_path, "fold=null", "trainer=ddp_cpu", extra))
+    refused = [  # trainer=ddp_cpu and ...
+        ([], r"starts this command again once per device: run it as `python train.py"),  # train(cfg) from Python
+        (["trainer.strategy=ddp_spawn"], r"starts its processes inside fit.*trainer.strategy=ddp"),
+        (["train.parallel_folds=2"], r"train.parallel_folds=2 trains each fold in its own process on one device"),
+    ]
+    for extra, message in refused:
+        cfg = compose_config(*tiny_overrides(tiny_data, tmp_path, "fold=null", "trainer=ddp_cpu", *extra))
         with pytest.raises(EsclabError, match=message):
             train(cfg)
 
