@@ -264,17 +264,24 @@ class StudyRun(Callback):
 
 
 class Tracker:
-    """The MLflow side of one cross-validation (or of one of its folds)."""
+    """The MLflow side of one cross-validation (or of one of its folds).
 
-    def __init__(self, cfg: DictConfig):
+    An inactive tracker (a DDP process other than rank zero) knows the run key, which says whether a fold is already
+    trained or can resume, but creates, finds and ends no run: one process's record is the run's.
+    """
+
+    def __init__(self, cfg: DictConfig, active: bool = True):
         self.uri = resolve_uri(cfg.tracking.uri)
-        check_reachable(self.uri)
-        mlflow.set_tracking_uri(self.uri)
-        self.client = MlflowClient(self.uri)
-        self.cfg = cfg
+        self.cfg, self.active = cfg, active
+        if active:
+            check_reachable(self.uri)  # before hashing the data, which can take a while
         self.tags = (data_tags(cfg.paths) | backbone_tags(Path(cfg.paths.features)) | weights_tags(cfg.model)
                      | git_tags() | {HARDWARE_TAG: hardware()})
         self.key = run_key(cfg, self.tags)
+        if not active:
+            return
+        mlflow.set_tracking_uri(self.uri)
+        self.client = MlflowClient(self.uri)
         self.experiment_id = experiment_id(self.client, cfg.tracking.experiment, self.uri)
         study = cfg.tracking.study
         if study:
@@ -337,7 +344,8 @@ class Tracker:
 
     def fail(self) -> None:
         """Mark the cross-validation FAILED (a fold, or pooling them, failed)."""
-        self.client.set_terminated(self.parent_id, "FAILED")
+        if self.active:
+            self.client.set_terminated(self.parent_id, "FAILED")
 
     def log_model(self, run_id: str, model, example) -> None:
         """Log a model that maps a batch of raw log-mel arrays to class probabilities."""

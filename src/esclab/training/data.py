@@ -238,13 +238,22 @@ class FoldData(L.LightningDataModule):
     def train_labels(self) -> np.ndarray:
         return self.index["label"].to_numpy()[self.train_rows]
 
+    def resident_batches(self) -> bool:
+        """`train.resident`: auto keeps the rows on a GPU that trains alone. Under DDP batches come from DataLoaders,
+        which Lightning's distributed sampler shares out among the processes; resident rows would reach them all."""
+        distributed = self.trainer is not None and self.trainer.world_size > 1
+        if distributed and self.resident is True:
+            raise EsclabError(f"train.resident=true keeps every row on each of {self.trainer.world_size} processes, "
+                              "which would all train on all of them: set train.resident=auto (or false) under DDP")
+        return self.resident is True or (self.resident == "auto" and self.device.type != "cpu" and not distributed)
+
     def _loader(self, rows: np.ndarray, shuffle: bool) -> DataLoader | ResidentBatches:
         sampler = None
         if shuffle and self.sampler == "balanced":
             sampler = EpochBalanced(self.index["label"].to_numpy()[rows], self.seed)
         elif shuffle:
             sampler = EpochShuffle(len(rows), self.seed)
-        if self.resident is True or (self.resident == "auto" and self.device.type != "cpu"):
+        if self.resident_batches():
             return ResidentBatches(*self.resident_rows(), rows, self.batch_size, sampler)
         dataset = CacheRows(cache_array(self.features_dir), self.index["label"].to_numpy(), rows, self.mean, self.std)
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler,

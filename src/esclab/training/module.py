@@ -5,7 +5,8 @@ alone rebuilds the exact model (`Classifier.load_from_checkpoint(path)`).
 Training batches are augmented (training/augment.py) inside `training_step` only,
 and trained against probability targets, so mixup's soft targets and label
 smoothing combine in one cross-entropy, weighted per class with `train.class_weights`;
-validation keeps the plain loss, comparable across recipes.
+validation keeps the plain loss, comparable across recipes. Under DDP the losses are
+averaged over the processes (sync_dist); the accuracies are torchmetrics, which gather their counts themselves.
 """
 
 import lightning as L
@@ -56,7 +57,7 @@ class Classifier(L.LightningModule):
         # torch smooths probability targets as (1 - e) * targets + e / n_classes: mixup first, then smoothing.
         loss = F.cross_entropy(logits, targets, weight=self.class_weights, label_smoothing=self.hparams.label_smoothing)
         self.train_acc(logits, targets.argmax(dim=1))  # a mixed clip counts as its larger share's class
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
 
@@ -65,7 +66,7 @@ class Classifier(L.LightningModule):
         logits = self(x)
         self.val_acc(logits, y)
         self.val_balanced_acc(logits, y)
-        self.log("val/loss", F.cross_entropy(logits, y), on_step=False, on_epoch=True, prog_bar=True)
+        self.log("val/loss", F.cross_entropy(logits, y), on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
         self.log("val/acc", self.val_acc, on_step=False, on_epoch=True, prog_bar=True)
         self.log("val/balanced_acc", self.val_balanced_acc, on_step=False, on_epoch=True)
 

@@ -7,17 +7,21 @@ with the best validation score, predicts the test fold with it and writes
 `fold.json` (the run key that says which config and data made them, and the
 validation score that chose the model). A whole cross-validation (fold=null)
 also pools the folds into `reports/`; with `train.parallel_folds` > 1 its folds
-train that many at a time, each in its own process. `train` returns the
+train that many at a time, each in its own process (on a GPU of its own where
+there are several). With `trainer=ddp` each fold trains over several processes,
+of which rank zero alone writes (training/distributed.py). `train` returns the
 validation score, the objective of a hyper-parameter search (conf/hparams_search/).
 """
 
 import json
 import logging
+import os
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
+from multiprocessing import Manager, get_context
 from pathlib import Path
+from queue import Queue
 
 import joblib
 import lightning as L
@@ -40,6 +44,7 @@ from esclab.models import model_settings
 from esclab.models.heads import HEADS, candidates, class_probabilities
 from esclab.serving.preprocessing import preprocessing_of
 from esclab.tracking import Tracker
+from esclab.training import distributed
 from esclab.training.augment import check as check_augment
 from esclab.training.data import FoldData, balanced_class_weights, check_cache
 from esclab.training.history import EpochHistory
@@ -120,7 +125,8 @@ def train_fold(cfg: DictConfig, fold: int, tracker: Tracker) -> pd.DataFrame:
     A fold already finished with this config and data is not trained again; an
     unfinished network (killed, or failed) resumes from its last epoch's checkpoint.
     Networks train with Lightning (`fit_network`), scikit-learn heads with their own
-    fit (`fit_head`); both leave the same outputs.
+    fit (`fit_head`); both leave the same outputs. A DDP process other than rank
+    zero (an inactive tracker) trains its share of a network and returns None.
     """
     reports = Path(cfg.paths.reports) / "folds" / str(fold)
     target = Path(cfg.paths.models) / f"fold_{fold}.ckpt"
@@ -130,6 +136,10 @@ def train_fold(cfg: DictConfig, fold: int, tracker: Tracker) -> pd.DataFrame:
         return pd.read_csv(reports / "predictions.csv")
 
     fit = fit_head if cfg.model.name in HEADS else fit_network
+    if not tracker.active:
+        if fit is fit_network:  # a head is one process's fit: rank zero's
+            fit_network(cfg, fold, tracker, None, target)
+        return None
     with tracker.fold_run(fold) as run_id:
         predictions, history = fit(cfg, fold, tracker, run_id, target)
         accuracy = float((predictions["pred"] == predictions["label"]).mean())
@@ -148,14 +158,17 @@ def train_fold(cfg: DictConfig, fold: int, tracker: Tracker) -> pd.DataFrame:
     return predictions
 
 
-def fit_network(cfg: DictConfig, fold: int, tracker: Tracker, run_id: str, target: Path
-                ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Lightning: keep the best-validation checkpoint as `target`; its test predictions and the epoch history."""
+def fit_network(cfg: DictConfig, fold: int, tracker: Tracker, run_id: str | None, target: Path
+                ) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+    """Lightning: keep the best-validation checkpoint as `target`; its test predictions and the epoch history.
+
+    Under DDP every process runs this; the others (no `run_id`) return None before anything is written.
+    """
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     data = fold_data(cfg, fold)
     module = build_classifier(cfg, data)
     work = Path(cfg.paths.models) / f".fold_{fold}"  # Lightning's own checkpoints while the fold trains
-    resume = resume_point(work, tracker.key)
+    resume = resume_point(work, tracker.key, owner=tracker.active)
     monitor = cfg.train.monitor
     mode = "min" if monitor.endswith("loss") else "max"
     checkpoint = ModelCheckpoint(dirpath=work / "checkpoints", filename="best", monitor=monitor, mode=mode)
@@ -166,16 +179,23 @@ def fit_network(cfg: DictConfig, fold: int, tracker: Tracker, run_id: str, targe
     if cfg.train.early_stopping_patience:
         callbacks.append(EarlyStopping(monitor, patience=cfg.train.early_stopping_patience, mode=mode))
 
+    # Lightning's logger writes from rank zero only; the other processes' has no run to write to.
     logger = MLFlowLogger(tracking_uri=tracker.uri, run_id=run_id, log_model=False)
     trainer = L.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), logger=logger, callbacks=callbacks,
                         default_root_dir=work, enable_model_summary=False)
+    distributed.check_launch(trainer)
+    clips_per_step = distributed.effective_batch_size(trainer, cfg.train.batch_size)
+    logger.log_hyperparams({"train.effective_batch_size": clips_per_step})
     trainer.fit(module, datamodule=data, ckpt_path=resume)
     best = Classifier.load_from_checkpoint(checkpoint.best_model_path, map_location="cpu")
     # Not compiled: compiling pays off over many training steps, not over one pass of the test fold.
     speed_up(best.model, channels_last=cfg.train.channels_last)
     batches = trainer.predict(best, datamodule=data)
-    rows = torch.cat([r for r, _ in batches]).numpy()
-    probs = torch.cat([p for _, p in batches]).numpy()
+    predicted = distributed.every_row_once(trainer, torch.cat([r for r, _ in batches]).cpu().numpy(),
+                                           torch.cat([p for _, p in batches]).cpu().numpy())
+    if predicted is None:
+        return None
+    rows, probs = predicted
     with atomic_file(target) as tmp:
         shutil.copyfile(checkpoint.best_model_path, tmp)
     # MLflow's pytorch flavour saves a graph that torch.export traces; a network whose forward leaves torch (a Hugging
@@ -259,15 +279,18 @@ def validation_score(cfg: DictConfig, folds: list[int]) -> float:
     return float(np.mean(scores))
 
 
-def resume_point(work: Path, key: str) -> Path | None:
+def resume_point(work: Path, key: str, owner: bool = True) -> Path | None:
     """The last checkpoint of an unfinished run of this fold with the same config and data, if any.
 
-    Anything else in the work folder (another config's checkpoints) is cleared.
+    Its `owner` clears anything else in the work folder (another config's checkpoints);
+    the other DDP processes only look, and whenever they look they see the owner's answer.
     """
     stamp, last = work / "run_key", work / "checkpoints" / "last.ckpt"
     if stamp.is_file() and stamp.read_text() == key and last.is_file():
         log.info("resuming from %s", last)
         return last
+    if not owner:
+        return None
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     stamp.write_text(key)
@@ -295,8 +318,9 @@ def write_csv(table: pd.DataFrame, path: Path) -> None:
         table.to_csv(tmp, index=False, float_format="%.6g")
 
 
-def train(cfg: DictConfig) -> float:
-    """Train `cfg.fold`, or every fold and then pool them; returns the validation score of the folds it trained."""
+def train(cfg: DictConfig) -> float | None:
+    """Train `cfg.fold`, or every fold and then pool them; returns the validation score of the folds it trained
+    (None in a DDP process other than rank zero, which writes nothing to score)."""
     folds = list(cfg.dataset.folds)
     if cfg.fold is not None and cfg.fold not in folds:
         raise EsclabError(f"fold={cfg.fold} is not a test fold of dataset={cfg.dataset.name}: use one of "
@@ -308,9 +332,13 @@ def train(cfg: DictConfig) -> float:
                           "every training row at once: set train.sampler=shuffle (train.class_weights=balanced weighs "
                           "the classes for a head too)")
     check_cache(Path(cfg.paths.features), representation(cfg.features), cache_settings(cfg.features))
-    tracker = Tracker(cfg)  # creates the parent run before any fold process looks for it
+    distributed.check_parallel_folds(cfg.train.parallel_folds, cfg.trainer.devices, cfg.trainer.get("num_nodes", 1))
+    # Creates the parent run before any fold process looks for it; under DDP only rank zero's does.
+    tracker = Tracker(cfg, active=distributed.is_rank_zero())
     if cfg.fold is not None:
         train_fold(cfg, cfg.fold, tracker)
+        if not tracker.active:
+            return None
         log.info("MLflow: %s", tracker.ui_url())
         return validation_score(cfg, [cfg.fold])
     try:
@@ -322,6 +350,8 @@ def train(cfg: DictConfig) -> float:
     except BaseException:
         tracker.fail()  # also when a fold in another process failed, after the others were done
         raise
+    if not tracker.active:
+        return None
     evaluate(cfg, tracker)
     return validation_score(cfg, folds)
 
@@ -334,19 +364,33 @@ def train_folds_in_processes(cfg: DictConfig, folds: list[int], processes: int) 
     CUDA once the parent has. A process ends with its fold, which hands its GPU
     memory back. Each opens its own Tracker, which finds the parent run by its
     key. A failed fold fails the run after the others have finished (rerunning
-    then trains only the folds that did not finish).
+    then trains only the folds that did not finish). On a machine with GPUs each
+    process holds one of them while its fold trains (`device_slots`).
     """
     spawn = get_context("spawn")
-    with ProcessPoolExecutor(min(processes, len(folds)), mp_context=spawn, max_tasks_per_child=1) as pool:
-        for future in [pool.submit(train_fold_alone, cfg, fold) for fold in folds]:
+    processes = min(processes, len(folds))
+    with Manager() as manager, ProcessPoolExecutor(processes, mp_context=spawn, max_tasks_per_child=1) as pool:
+        free_gpus = manager.Queue()
+        gpus = distributed.device_slots(cfg.trainer.accelerator, processes, distributed.visible_gpus())
+        for gpu in gpus or [None] * processes:
+            free_gpus.put(gpu)
+        for future in [pool.submit(train_fold_alone, cfg, fold, free_gpus) for fold in folds]:
             future.result()
 
 
-def train_fold_alone(cfg: DictConfig, fold: int) -> None:
-    """One fold in a process of its own (the parent's logging setup does not reach a spawned process)."""
+def train_fold_alone(cfg: DictConfig, fold: int, free_gpus: Queue) -> None:
+    """One fold in a process of its own (the parent's logging setup does not reach a spawned process), on a GPU
+    taken from `free_gpus` (None on a CPU) and handed back when the fold ends; its trainer sees that GPU alone."""
     logging.basicConfig(level=logging.INFO, format=f"[fold {fold}] %(name)s: %(message)s")
     silence_known_noise()
-    train_fold(cfg, fold, Tracker(cfg))
+    gpu = free_gpus.get()
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # before anything in this process starts CUDA
+        log.info("on GPU %s", gpu)
+    try:
+        train_fold(cfg, fold, Tracker(cfg))
+    finally:
+        free_gpus.put(gpu)
 
 
 def evaluate(cfg: DictConfig, tracker: Tracker | None = None) -> dict:

@@ -30,4 +30,7 @@ class BatchSeed(L.Callback):
         self.seed = seed
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        L.seed_everything(derived_seed(self.seed, trainer.current_epoch, batch_idx), workers=True, verbose=False)
+        # Each DDP process its own draws (its share of the batch its own augmentations); one process as before.
+        rank = (trainer.global_rank,) if trainer.world_size > 1 else ()
+        L.seed_everything(derived_seed(self.seed, trainer.current_epoch, batch_idx, *rank), workers=True,
+                          verbose=False)
