@@ -173,7 +173,8 @@ def hardware() -> str:
     cores = f"{os.cpu_count()} CPU cores"
     if torch.cuda.is_available():
         return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}, {cores}"
-    return f"{cores} ({cpu_model()}, {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads), no GPU"
+    capability, threads = torch.backends.cpu.get_cpu_capability(), torch.get_num_threads()
+    return f"{cores} ({cpu_model()}, {capability}, {threads} threads), no GPU"
 
 
 def cpu_model() -> str:

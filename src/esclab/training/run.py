@@ -95,7 +95,7 @@ def speed_up(network: torch.nn.Module, *, channels_last: bool = False, compile: 
 
 
 def build_classifier(cfg: DictConfig, data: FoldData) -> Classifier:
-    """The fold's module: network, optimizer, schedule, augmentation, loss and fast-path switches as `cfg` names them."""
+    """The fold's module: network, optimizer, schedule, augmentation, loss and fast-path switches as `cfg` says."""
     container = OmegaConf.to_container(cfg, resolve=True)
     module = Classifier(model=container["model"], n_classes=data.n_classes, input_shape=data.input_shape,
                         optimizer=container["optimizer"], scheduler=container["scheduler"] or None,
