@@ -221,6 +221,14 @@ def pytest_configure(config):
         torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(items):
+    """The files that hold whole-pipeline runs (marked slow) go first. With a worker per core, a file to a worker
+    (pyproject.toml), the longest file then starts at once rather than last, when the other worker would idle
+    waiting for it. The sort is stable: each file keeps its own order."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
