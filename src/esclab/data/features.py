@@ -195,11 +195,14 @@ def runs_of_files(files: list[tuple[str, list[float]]], batch_size: int) -> list
 
 
 @contextmanager
-def torch_threads(count: int | None) -> Iterator[None]:
-    """torch's CPU threads set to `count` (None: left as they are) for the block, then restored."""
+def one_torch_thread() -> Iterator[None]:
+    """torch on one CPU thread for the block, then as before.
+
+    The worker threads already fill the cores, and one clip's transform gains nothing
+    from more threads: on a busy machine, two threads per clip made it ~20x slower.
+    """
     before = torch.get_num_threads()
-    if count:
-        torch.set_num_threads(count)
+    torch.set_num_threads(1)
     try:
         yield
     finally:
@@ -211,9 +214,9 @@ def compute_rows(files: list[tuple[str, list[float]]], settings, out: np.ndarray
     """Fill `out` (one row per clip start of `files` x settings.row_shape, float16, memory-mapped) in row order.
 
     Worker threads each decode and transform runs of about `batch_size` clips and write
-    them into `out` themselves, with one torch thread each: soundfile and torch release
-    the GIL while they work, so the threads fill the cores like processes would, without
-    a process's start-up (importing torch took longer than the whole of ESC-50 takes now).
+    them into `out` themselves. soundfile and torch release the GIL while they work, so
+    threads fill the cores as processes would, without a process's start-up (spawning
+    two and importing torch in each took ~3 s, about what all of ESC-50 takes now).
     A row that overflows float16 stops the stage, naming `array`.
     """
     transform = settings.transform().to(device)
@@ -227,23 +230,19 @@ def compute_rows(files: list[tuple[str, list[float]]], settings, out: np.ndarray
                 rows = transform(torch.from_numpy(waves[start:start + batch_size]).to(device).unsqueeze(1))
             rows = rows.squeeze(1).to(torch.float16)
             if not rows.isfinite().all():
-                raise EsclabError(f"{array} overflowed float16 at {run[0][0]}; {settings.overflow_fix}")
+                raise EsclabError(f"{array} overflowed float16; {settings.overflow_fix}")
             out[first + start:first + start + len(rows)] = rows.cpu().numpy()
         return len(run)
 
     jobs = runs_of_files(files, batch_size)
-    with tqdm(total=len(files), desc="features", unit="file") as bar:
-        if num_workers == 0:  # everything in the calling thread: easy to debug
-            for count in map(fill, jobs):
-                bar.update(count)
-            return
-        pool = ThreadPoolExecutor(num_workers)
+    pool = ThreadPoolExecutor(num_workers) if num_workers else None  # 0: all in the calling thread, easy to debug
+    with tqdm(total=len(files), desc="features", unit="file") as bar, one_torch_thread():
         try:
-            with torch_threads(1):  # the threads already fill the cores
-                for count in pool.map(fill, jobs):
-                    bar.update(count)
+            for count in pool.map(fill, jobs) if pool else map(fill, jobs):
+                bar.update(count)
         finally:
-            pool.shutdown(cancel_futures=True)  # after an error, start no more files
+            if pool:
+                pool.shutdown(cancel_futures=True)  # after an error, start no more files
 
 
 def write_features(split_csv: Path, out_dir: Path, settings, *, device: str = "auto",
