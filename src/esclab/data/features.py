@@ -94,10 +94,10 @@ class LogMel(torch.nn.Module):
     """Waveforms (batch, 1, samples) -> log-mel in dB (batch, 1, n_mels, frames).
 
     librosa's log-mel, the seed project's: the power spectrogram of periodic-Hann frames,
-    zero-padded at the edges; the slaney mel scale and filter norm; dB floored at top_db
-    below each clip's peak (torchaudio's AmplitudeToDB, given a channel axis, floors each
-    clip on its own). Two steps are computed for speed (bench/features.py) and agree with
-    torchaudio's MelSpectrogram to float32 rounding (tests/test_features.py):
+    centred and zero-padded at the edges; the slaney mel scale and filter norm; 10 log10 of
+    the power (at least 1e-10), floored at top_db below each clip's peak. It agrees with
+    torchaudio's MelSpectrogram + AmplitudeToDB to float32 rounding (tests/test_features.py),
+    computed for speed (bench/features.py):
 
     - the power |X|^2 is re^2 + im^2, squared in place, where torchaudio takes the complex
       abs (a hypot per bin, half of its time) and squares it again;
@@ -106,12 +106,13 @@ class LogMel(torch.nn.Module):
       repeated, for its re^2 and im^2, so the product also adds the two.
     """
 
-    bands_per_block = 16  # fewer, wider blocks multiply more zeros; more, narrower ones make more calls
+    bands_per_block = 32  # fewer, wider blocks multiply more zeros; more, narrower ones make more calls
+    amin = 1e-10  # the power floor before the log: -100 dB
 
     def __init__(self, settings: LogMelSettings):
         super().__init__()
         s = settings
-        self.n_fft, self.hop_length = s.n_fft, s.hop_length
+        self.n_fft, self.hop_length, self.top_db = s.n_fft, s.hop_length, s.top_db
         self.register_buffer("window", torch.hann_window(s.n_fft), persistent=False)
         f_max = s.f_max if s.f_max is not None else float(s.sample_rate // 2)  # torchaudio's default
         filters = torchaudio.functional.melscale_fbanks(s.n_fft // 2 + 1, s.f_min, f_max, s.n_mels, s.sample_rate,
@@ -122,17 +123,17 @@ class LogMel(torch.nn.Module):
             end = min(first + self.bands_per_block, s.n_mels)
             rows = self.filters[:, first:end].any(dim=1).nonzero()
             self.blocks.append((int(rows.min()), int(rows.max()) + 1, first, end) if len(rows) else (0, 0, first, end))
-        self.to_db = torchaudio.transforms.AmplitudeToDB(stype="power", top_db=s.top_db)
         self.per_clip = s.normalize == "per_clip"
 
     def forward(self, waveforms: torch.Tensor) -> torch.Tensor:
-        spec = torch.stft(waveforms.squeeze(1), self.n_fft, self.hop_length, window=self.window, center=True,
-                          pad_mode="constant", return_complex=True)
-        # (batch, frames, bins x [re, im]): torch.stft's own memory order, so this is a view squared in place
-        squares = torch.view_as_real(spec).transpose(1, 2).flatten(2).square_()
+        padded = torch.nn.functional.pad(waveforms, (self.n_fft // 2, self.n_fft // 2))
+        spectrum = torch.fft.rfft(padded.unfold(-1, self.n_fft, self.hop_length) * self.window)  # (.., frames, bins)
+        squares = torch.view_as_real(spectrum).flatten(-2).square_()  # (.., frames, bins x [re, im])
         mel = torch.cat([squares[..., row:end_row] @ self.filters[row:end_row, band:end_band]
-                         for row, end_row, band, end_band in self.blocks], dim=-1)
-        db = self.to_db(mel.transpose(1, 2).unsqueeze(1))
+                         for row, end_row, band, end_band in self.blocks], dim=-1).transpose(-1, -2)
+        db = 10 * torch.log10(mel.clamp_min(self.amin))
+        if self.top_db is not None:
+            db = torch.maximum(db, db.amax(dim=(-2, -1), keepdim=True) - self.top_db)
         if self.per_clip:
             mean = db.mean(dim=(-2, -1), keepdim=True)
             std = db.std(dim=(-2, -1), keepdim=True)
