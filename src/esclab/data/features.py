@@ -268,8 +268,7 @@ def write_features(split_csv: Path, out_dir: Path, settings, *, device: str = "a
         out = np.lib.format.open_memmap(tmp / settings.array, mode="w+", dtype=np.float16, shape=shape)
         compute_rows(file_starts(table), settings, out, f"{settings.array} of {split_csv}", device=torch_device,
                      batch_size=batch_size, num_workers=num_workers)
-        out.flush()
-        del out
+        del out  # readers see the rows through the page cache; a flush would wait for the disk (nothing is fsynced)
         table.to_csv(tmp / "index.csv", index=False)
         meta = settings.described() | {"shape": list(shape), "dtype": "float16"}
         (tmp / "features.json").write_text(json.dumps(meta, indent=2) + "\n")
