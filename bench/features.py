@@ -1,9 +1,13 @@
 """Features-stage throughput against a naive per-file librosa loop, on the same clips.
 
-Both paths are warmed up first (imports, FFT plans, worker start-up on a small
-subset), then timed on the whole set. Prints a table and writes JSON.
+Both paths are warmed up first (imports, FFT plans, on a small subset), then timed
+on the whole set in --repeats rounds, the two in turn (stage first in odd rounds,
+naive loop first in even ones), so that a slow spell on a shared machine lands on
+both alike. Reported: each path's median clips/s and the speedup, the median and
+interquartile range of the per-round ratios with report.paired_ratio's verdict.
+Prints a table and writes JSON.
 
-    python bench/features.py [--clips-per-class 10] [--out reports/bench/features.json]
+    python bench/features.py [--clips-per-class 10] [--repeats 3] [--out reports/bench/features.json]
 """
 
 import argparse
@@ -15,8 +19,7 @@ from pathlib import Path
 
 import librosa
 import torch
-
-from report import parse_args, report, synthetic_split
+from report import paired_ratio, parse_args, report, spread, synthetic_split
 
 from esclab.data.features import LogMelSettings, write_features
 
@@ -38,6 +41,7 @@ def timed(fn) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clips-per-class", type=int, default=10, help="x 50 classes; 40 is ESC-50's size")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds, both paths in each")
     args = parse_args(parser, "features", threads=False)
     settings = LogMelSettings()  # the ESC-50 defaults: 44.1 kHz, 5 s, 128 mels
 
@@ -48,23 +52,29 @@ def main() -> None:
 
         write_features(warm, tmp / "warm", settings)
         naive_loop(paths[:20], settings)
-        stage_s = timed(lambda: write_features(split, tmp / "features", settings))
-        # ru_maxrss is a high-water mark: read it before the naive loop can raise it.
-        peak_main_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        peak_worker_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        naive_s = timed(lambda: naive_loop(paths, settings))
+        contenders = {"stage": lambda: write_features(split, tmp / "features", settings),
+                       "naive": lambda: naive_loop(paths, settings)}
+        seconds = {name: [] for name in contenders}
+        for round_ in range(args.repeats):
+            for name in list(contenders)[:: -1 if round_ % 2 else 1]:
+                seconds[name].append(timed(contenders[name]))
+        # ru_maxrss is a high-water mark: the stage's, unless the naive loop or making the clips went higher.
+        peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         cache_bytes = sum(f.stat().st_size for f in (tmp / "features").iterdir())
 
     n = len(paths)
+    speedup = paired_ratio(seconds["naive"], seconds["stage"])
     result = {
         "clips": n,
         "clip_seconds": settings.duration,
         "sample_rate": settings.sample_rate,
-        "stage_clips_per_s": round(n / stage_s, 1),
-        "naive_librosa_clips_per_s": round(n / naive_s, 1),
-        "speedup": round(naive_s / stage_s, 2),
-        "peak_rss_main_mb": round(peak_main_kb / 1024, 1),
-        "peak_rss_worker_mb": round(peak_worker_kb / 1024, 1),
+        "rounds": args.repeats,
+        "stage_clips_per_s": round(n / spread(seconds["stage"])["median"], 1),
+        "naive_librosa_clips_per_s": round(n / spread(seconds["naive"])["median"], 1),
+        "speedup": speedup["median"],
+        "speedup_iqr": speedup["iqr"],
+        "speedup_verdict": speedup["verdict"],
+        "peak_rss_mb": round(peak_kb / 1024, 1),
         "cache_mb": round(cache_bytes / 2**20, 1),
         "cache_mb_per_1000_clips": round(cache_bytes / 2**20 / n * 1000, 1),
         "cores": torch.get_num_threads(),

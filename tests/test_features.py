@@ -7,9 +7,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import soundfile as sf
+import torch
+import torchaudio
 
-from esclab.data.features import LogMelSettings, load_clips, write_features
+from esclab.data.audio import decode
+from esclab.data.features import LogMel, LogMelSettings, load_clips, write_features
 from esclab.data.split import write_split
+from esclab.data.waveforms import WaveformSettings
 from esclab.errors import EsclabError
 
 SETTINGS = LogMelSettings(sample_rate=16000, duration=1.0, n_fft=512, hop_length=128, n_mels=32)
@@ -37,6 +41,30 @@ def librosa_logmel(path, s: LogMelSettings):
     power = librosa.feature.melspectrogram(y=y, sr=sr, n_fft=s.n_fft, hop_length=s.hop_length, n_mels=s.n_mels,
                                            fmin=s.f_min, fmax=s.f_max, center=True, pad_mode="constant", power=2.0)
     return librosa.power_to_db(power, ref=1.0, amin=1e-10, top_db=s.top_db)
+
+
+@pytest.mark.parametrize("settings", [SETTINGS, LogMelSettings(sample_rate=16000, duration=0.5, n_fft=400,
+                                                                   hop_length=160, n_mels=80, f_min=50.0, f_max=7000.0,
+                                                                   top_db=None)])
+def test_log_mel_is_torchaudios_to_float32_rounding(settings):
+    """LogMel's power (re^2 + im^2) and filterbank (in blocks of bands) are torchaudio's, computed faster."""
+    loudness = torch.tensor([1.0, 1e-2, 1e-4]).view(3, 1, 1)  # the dB floor and the -100 dB amin both in play
+    waves = torch.randn(3, 1, settings.n_samples, generator=torch.Generator().manual_seed(0)) * loudness
+    s = settings
+    mel = torchaudio.transforms.MelSpectrogram(s.sample_rate, n_fft=s.n_fft, hop_length=s.hop_length, f_min=s.f_min,
+                                               f_max=s.f_max, n_mels=s.n_mels, pad_mode="constant", norm="slaney",
+                                               mel_scale="slaney")
+    expected = torchaudio.transforms.AmplitudeToDB(top_db=s.top_db)(mel(waves))
+    assert torch.abs(LogMel(settings)(waves) - expected).max() < 1e-3
+
+
+def test_16_bit_pcm_decodes_to_libsndfiles_own_float_values(tmp_path):
+    samples = np.random.default_rng(0).integers(-2**15, 2**15, (1000, 2), dtype=np.int16)
+    samples[:2] = [[-2**15, 2**15 - 1], [2**15 - 1, -2**15]]
+    sf.write(tmp_path / "pcm16.wav", samples, 16000, subtype="PCM_16")
+    mono, rate = decode(tmp_path / "pcm16.wav")
+    expected = sf.read(tmp_path / "pcm16.wav", dtype="float32")[0].mean(axis=1)
+    assert rate == 16000 and mono.dtype == np.float32 and mono.tobytes() == expected.tobytes()
 
 
 def test_array_shape_dtype_index_and_settings(split_csv, tmp_path):
@@ -136,3 +164,11 @@ def test_rebuilt_cache_is_byte_identical(split_csv, tmp_path):
     build(split_csv, tmp_path / "b", num_workers=2)
     for name in ("logmel.npy", "index.csv", "features.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_a_row_that_overflows_float16_stops_the_stage_naming_the_array_and_leaves_no_output(split_csv, tmp_path):
+    table = pd.read_csv(split_csv)
+    sf.write(table["path"][2], np.full(16000, 1e5, dtype=np.float32), 16000, subtype="FLOAT")  # beyond float16's 65504
+    with pytest.raises(EsclabError, match="waveform.npy of .*split.csv overflowed float16; a decoded sample exceeds"):
+        write_features(split_csv, tmp_path / "features", WaveformSettings(duration=1.0), device="cpu", num_workers=2)
+    assert list(tmp_path.glob("*features*")) == []
