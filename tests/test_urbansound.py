@@ -128,8 +128,8 @@ def test_missing_metadata_is_one_line_from_the_cli(raw, tmp_path):
 
 
 def test_a_pretrained_backbone_and_head_train_on_its_folds(us8k_tree, tmp_path):
-    """Frozen YAMNet + a linear SVM on the synthetic UrbanSound8K's folds (cnn4 runs on them in test_pipeline_datasets.py):
-    fold 3 held out, every one of its slices predicted."""
+    """Frozen YAMNet + a linear SVM on the synthetic UrbanSound8K's folds (cnn4 runs on them in
+    test_pipeline_datasets.py): fold 3 held out, every one of its slices predicted."""
     from conftest import compose_config
 
     from esclab.data.representations import write_cache
