@@ -352,8 +352,7 @@ def train(cfg: DictConfig) -> float | None:
         raise
     if not tracker.active:
         return None
-    evaluate(cfg, tracker)
-    return validation_score(cfg, folds)
+    return evaluate(cfg, tracker)[f"{cfg.train.monitor}_best_mean"]
 
 
 def train_folds_in_processes(cfg: DictConfig, folds: list[int], processes: int) -> None:
@@ -395,7 +394,7 @@ def train_fold_alone(cfg: DictConfig, fold: int, free_gpus: Queue) -> None:
 
 def evaluate(cfg: DictConfig, tracker: Tracker | None = None) -> dict:
     """Pool the folds' predictions into reports/ and onto the cross-validation's parent run (with the folds'
-    validation score as `<train.monitor>_best_mean`), and end that run."""
+    validation score as `<train.monitor>_best_mean`), and end that run; returns the metrics it logged there."""
     reports = Path(cfg.paths.reports)
     tracker = tracker or Tracker(cfg)
     try:
@@ -404,11 +403,11 @@ def evaluate(cfg: DictConfig, tracker: Tracker | None = None) -> dict:
     except BaseException:
         tracker.fail()
         raise
-    score = validation_score(cfg, list(cfg.dataset.folds))
-    tracker.log_pooled(metrics | {f"{cfg.train.monitor}_best_mean": score}, reports)
+    pooled = metrics | {f"{cfg.train.monitor}_best_mean": validation_score(cfg, list(cfg.dataset.folds))}
+    tracker.log_pooled(pooled, reports)
     log.info("cross-validation: accuracy %.4f +- %.4f", metrics["accuracy_mean"], metrics["accuracy_std"])
     if cfg.tracking.register_as:
         version = tracker.register(cfg.tracking.register_as)
         log.info("registered: esclab predict --models models:/%s/%s", cfg.tracking.register_as, version)
     log.info("MLflow: %s", tracker.ui_url())
-    return metrics
+    return pooled
