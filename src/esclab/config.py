@@ -15,6 +15,12 @@ from omegaconf import DictConfig, OmegaConf
 from esclab.errors import EsclabError
 
 
+def minimised(monitor: str) -> bool:
+    """Whether `train.monitor` is best at its lowest (a loss) or, like an accuracy, at its highest: the one rule for
+    the checkpoint a fold keeps, the C a head picks, its best value and a search's direction."""
+    return monitor.endswith("loss")
+
+
 @dataclass(frozen=True)
 class Rule:
     """A number of type `kind` above `low` (or at it, if `at_low`) and below `high`; null if `nullable`."""

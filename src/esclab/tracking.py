@@ -44,6 +44,7 @@ from hydra.experimental.callback import Callback
 from mlflow import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
+from esclab.config import minimised
 from esclab.errors import EsclabError
 
 log = logging.getLogger(__name__)
@@ -232,7 +233,7 @@ class StudyRun(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         sweeper, monitor = config.hydra.sweeper, config.train.monitor
-        direction = "minimize" if monitor.endswith("loss") else "maximize"  # as the folds choose their models
+        direction = "minimize" if minimised(monitor) else "maximize"  # as the folds choose their models
         if str(sweeper.direction) != direction:
             raise EsclabError(f"hydra.sweeper.direction={sweeper.direction}, but the trials return the best "
                               f"train.monitor={monitor}: set hydra.sweeper.direction={direction}")

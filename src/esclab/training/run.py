@@ -36,6 +36,7 @@ from sklearn.metrics import log_loss
 
 import esclab.resolvers  # noqa: F401  (a fold in a spawned process resolves dataset.folds without Hydra)
 from esclab.atomic import atomic_file
+from esclab.config import minimised
 from esclab.data.representations import cache_settings, check_learner, representation
 from esclab.errors import EsclabError
 from esclab.evaluation.metrics import balanced_accuracy, write_reports
@@ -170,7 +171,7 @@ def fit_network(cfg: DictConfig, fold: int, tracker: Tracker, run_id: str | None
     work = Path(cfg.paths.models) / f".fold_{fold}"  # Lightning's own checkpoints while the fold trains
     resume = resume_point(work, tracker.key, owner=tracker.active)
     monitor = cfg.train.monitor
-    mode = "min" if monitor.endswith("loss") else "max"
+    mode = "min" if minimised(monitor) else "max"
     checkpoint = ModelCheckpoint(dirpath=work / "checkpoints", filename="best", monitor=monitor, mode=mode)
     # Every epoch's end, what a killed fold resumes from (save_last=True only saves when `best` improves).
     latest = ModelCheckpoint(dirpath=work / "checkpoints", filename="last", enable_version_counter=False)
@@ -229,7 +230,7 @@ def fit_head(cfg: DictConfig, fold: int, tracker: Tracker, run_id: str, target: 
     if monitor not in MONITORED:
         raise EsclabError(f"train.monitor={monitor} is not a score a scikit-learn head reports: use one of "
                           f"{', '.join(MONITORED)}")
-    sign = -1 if monitor.endswith("loss") else 1
+    sign = -1 if minimised(monitor) else 1
     history, best = [], None
     heads = candidates(cfg.model.name, seed=cfg.seed, balanced=balanced, classes=preprocessing["classes"],
                        features=OmegaConf.to_container(cfg.features, resolve=True), **options)
@@ -260,7 +261,7 @@ def fit_head(cfg: DictConfig, fold: int, tracker: Tracker, run_id: str, target: 
 def best_value(history: pd.DataFrame, monitor: str) -> float:
     """The best `monitor` value in a fold's history: the validation score of the model the fold kept."""
     values = history[monitor]
-    return float(values.min() if monitor.endswith("loss") else values.max())
+    return float(values.min() if minimised(monitor) else values.max())
 
 
 def validation_score(cfg: DictConfig, folds: list[int]) -> float:
