@@ -58,8 +58,10 @@ def main() -> None:
         for round_ in range(args.repeats):
             for name in list(contenders)[:: -1 if round_ % 2 else 1]:
                 seconds[name].append(timed(contenders[name]))
-        # ru_maxrss is a high-water mark: the stage's, unless the naive loop or making the clips went higher.
+        # ru_maxrss is a high-water mark: the stage's, unless the naive loop or making the clips went higher; the
+        # stage's forked workers (Linux) count apart, the largest of them (their pages shared with this one count too).
         peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        worker_peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         cache_bytes = sum(f.stat().st_size for f in (tmp / "features").iterdir())
 
     n = len(paths)
@@ -75,6 +77,7 @@ def main() -> None:
         "speedup_iqr": speedup["iqr"],
         "speedup_verdict": speedup["verdict"],
         "peak_rss_mb": round(peak_kb / 1024, 1),
+        "peak_worker_rss_mb": round(worker_peak_kb / 1024, 1),
         "cache_mb": round(cache_bytes / 2**20, 1),
         "cache_mb_per_1000_clips": round(cache_bytes / 2**20 / n * 1000, 1),
         "cores": torch.get_num_threads(),

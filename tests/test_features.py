@@ -1,6 +1,9 @@
 """The features stage: one float16 array in split order that matches librosa's log-mel."""
 
 import json
+import os
+import sys
+import threading
 
 import librosa
 import numpy as np
@@ -11,7 +14,7 @@ import torch
 import torchaudio
 
 from esclab.data.audio import decode
-from esclab.data.features import LogMel, LogMelSettings, load_clips, write_features
+from esclab.data.features import LogMel, LogMelSettings, load_clips, workers, write_features
 from esclab.data.split import write_split
 from esclab.data.waveforms import WaveformSettings
 from esclab.errors import EsclabError
@@ -126,13 +129,37 @@ def test_undecodable_file_is_named(tmp_path, content):
         load_clips(tmp_path / "bad.wav", sample_rate=16000, n_samples=16000)[0]
 
 
-def test_failed_build_leaves_no_output(split_csv, tmp_path):
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_failed_build_leaves_no_output(split_csv, tmp_path, num_workers):
+    """The same one-line error whether the file failed in this process or in a worker."""
     table = pd.read_csv(split_csv)
     with open(table["path"][3], "r+b") as f:
         f.truncate(20)  # a WAV cut inside its header
-    with pytest.raises(EsclabError, match=table["filename"][3]):
-        build(split_csv, tmp_path / "features")
+    with pytest.raises(EsclabError, match=f"^cannot decode {table['path'][3]} .*; replace the file"):
+        build(split_csv, tmp_path / "features", num_workers=num_workers)
     assert list(tmp_path.glob("*features*")) == []
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="forked worker processes are Linux's; elsewhere they are threads")
+def test_cpu_workers_are_forked_processes_that_return_in_job_order():
+    parent, local = os.getpid(), "made after import, inherited by the fork, never pickled"
+    with workers(lambda job: (job, os.getpid(), local), 2, torch.device("cpu")) as run:
+        results = list(run(list(range(40))))
+    assert [job for job, _, _ in results] == list(range(40))
+    pids = {pid for _, pid, _ in results}
+    assert parent not in pids and 1 <= len(pids) <= 2
+    assert {text for _, _, text in results} == {local}
+    with workers(lambda job: os.getpid(), 0, torch.device("cpu")) as run:
+        assert set(run([1, 2])) == {parent}
+
+
+def test_cuda_workers_are_threads_of_this_process():
+    """A forked child cannot use CUDA once its parent has; the device only picks the pool here, nothing runs on it."""
+    with workers(lambda job: (job, os.getpid(), threading.get_ident()), 2, torch.device("cuda")) as run:
+        results = list(run(list(range(40))))
+    assert [job for job, _, _ in results] == list(range(40))
+    assert {pid for _, pid, _ in results} == {os.getpid()}
+    assert threading.get_ident() not in {thread for _, _, thread in results}
 
 
 @pytest.mark.parametrize("key", ["n_mels", "hop_length"])

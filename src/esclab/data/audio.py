@@ -17,13 +17,13 @@ def decode(source: str | Path | BinaryIO, fix: str = "replace the file, or remov
     name = name or str(source)
     try:
         with sf.SoundFile(source) as file:
-            audio, rate = _samples(file), file.samplerate
+            audio, rate, pcm16 = _samples(file), file.samplerate, file.subtype == "PCM_16"
     except (sf.LibsndfileError, RuntimeError, OSError) as err:
         raise EsclabError(f"cannot decode {name} ({err}); {fix}") from None
     if audio.shape[0] == 0:
         raise EsclabError(f"{name} holds no audio samples; {fix}")
     mono = audio[:, 0] if audio.shape[1] == 1 else audio.mean(axis=1, dtype=np.float32)
-    if not np.isfinite(mono).all():
+    if not pcm16 and not np.isfinite(mono).all():  # scaled 16-bit integers always are
         raise EsclabError(f"{name} decodes to NaN or infinite samples; {fix}")
     return mono, rate
 

@@ -1,9 +1,10 @@
 """The features stage: every file decoded once into rows of one float16 array, log-mel or waveform.
 
-Worker threads (one per core, one torch thread each) decode files with soundfile, mix
-to mono, resample, cut each file's clips (the file padded or trimmed, or its windows:
-`features.clips`, data/clips.py), apply the representation's transform with torch on
-the chosen device and write the rows straight into the memory-mapped output. The
+Workers (one per core, one torch thread each: forked processes on Linux, threads
+elsewhere and with CUDA) decode files with soundfile, mix to mono, resample, cut
+each file's clips (the file padded or trimmed, or its windows: `features.clips`,
+data/clips.py), apply the representation's transform with torch on the chosen
+device and write the rows straight into the memory-mapped output. The
 result is `logmel.npy` (clips x n_mels x frames) or `waveform.npy` (clips x samples,
 data/waveforms.py), float16, rows in split-table order (a file's windows one after
 another), read memory-mapped at train time; `index.csv` (the split table's rows, one
@@ -14,12 +15,15 @@ settings that made it, to detect a stale cache).
 import functools
 import json
 import logging
+import multiprocessing
 import os
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -28,11 +32,12 @@ import torchaudio
 from tqdm import tqdm
 
 from esclab.atomic import atomic_dir
-from esclab.data.audio import decode, pad_or_trim
+from esclab.data.audio import decode
 from esclab.data.clips import cache_rows, check_clips, file_starts, recorded
 from esclab.errors import EsclabError
 
 log = logging.getLogger(__name__)
+FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
 @dataclass(frozen=True)
@@ -156,7 +161,11 @@ def cut(mono: np.ndarray, rate: int, *, sample_rate: int, n_samples: int, starts
     if rate != sample_rate:
         with torch.inference_mode():
             mono = resampler(rate, sample_rate)(torch.from_numpy(mono)).numpy()
-    return np.stack([pad_or_trim(mono[round(start * sample_rate):], n_samples) for start in starts])
+    clips = np.zeros((len(starts), n_samples), dtype=np.float32)  # each clip written in place, not stacked after
+    for clip, start in zip(clips, starts):
+        piece = mono[round(start * sample_rate):][:n_samples]
+        clip[:len(piece)] = piece
+    return clips
 
 
 @functools.lru_cache
@@ -199,7 +208,7 @@ def runs_of_files(files: list[tuple[str, list[float]]], batch_size: int) -> list
 def one_torch_thread() -> Iterator[None]:
     """torch on one CPU thread for the block, then as before.
 
-    The worker threads already fill the cores, and one clip's transform gains nothing
+    The workers already fill the cores, and one clip's transform gains nothing
     from more threads: on a busy machine, two threads per clip made it ~20x slower.
     """
     before = torch.get_num_threads()
@@ -210,40 +219,84 @@ def one_torch_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+_job_runner: Callable[[Any], Any] | None = None  # what a forked worker process runs (workers() installs it)
+
+
+def _install(runner: Callable[[Any], Any]) -> None:
+    global _job_runner
+    torch.set_num_threads(1)
+    _job_runner = runner
+
+
+def _run_installed(job: Any) -> Any:
+    return _job_runner(job)
+
+
+@contextmanager
+def workers(runner: Callable[[Any], Any], num_workers: int, device: torch.device
+            ) -> Iterator[Callable[[list], Iterator]]:
+    """A function that maps `runner` over a list of jobs, in order, on `num_workers` workers, each with one torch
+    thread; 0 runs every job in the calling thread (easy to debug).
+
+    On Linux with the CPU the workers are processes forked from this one: they inherit
+    `runner` and what it holds (the transform, the memory-mapped output), take the jobs
+    in chunks and send back only what `runner` returns. A clip's log-mel is some twenty
+    torch calls, and the Python around each holds the GIL: on 2 cores two threads ran
+    ESC-50 at ~650 clips/s, two forked processes at ~830 (bench/features.py). A fork
+    costs milliseconds, where spawning a process that imports torch took ~3 s, about
+    what all of ESC-50 takes. With CUDA (a forked child cannot use it once the parent
+    has) and on other systems (where fork is unsafe or missing) they are threads.
+    The processes are forked when the returned function is first called, so call it
+    before starting threads of your own (a progress bar's monitor).
+    """
+    if not num_workers:
+        with one_torch_thread():
+            yield lambda jobs: map(runner, jobs)
+        return
+    if device.type == "cpu" and sys.platform == "linux":
+        pool = ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("fork"),
+                                   initializer=_install, initargs=(runner,))
+        runner = _run_installed
+    else:
+        pool = ThreadPoolExecutor(num_workers)
+    with one_torch_thread():
+        try:
+            # Chunks amortise the trips between processes and leave each worker several, to even out their ends.
+            yield lambda jobs: pool.map(runner, jobs, chunksize=max(1, len(jobs) // (8 * num_workers)))
+        finally:
+            pool.shutdown(cancel_futures=True)  # after an error, start no more jobs
+
+
 def compute_rows(files: list[tuple[str, list[float]]], settings, out: np.ndarray, array: str, *,
                  device: torch.device, batch_size: int, num_workers: int) -> None:
     """Fill `out` (one row per clip start of `files` x settings.row_shape, float16, memory-mapped) in row order.
 
-    Worker threads each decode and transform runs of about `batch_size` clips and write
-    them into `out` themselves. soundfile and torch release the GIL while they work, so
-    threads fill the cores as processes would, without a process's start-up (spawning
-    two and importing torch in each took ~3 s, about what all of ESC-50 takes now).
-    A row that overflows float16 stops the stage, naming `array`.
+    The workers (see `workers`) each decode and transform runs of about `batch_size`
+    clips and write them into `out` themselves: a shared mapping of the file, which
+    processes write as threads do. A row that overflows float16 stops the stage,
+    naming `array`.
     """
     transform = settings.transform().to(device)
 
     def fill(job: tuple[int, list[tuple[str, list[float]]]]) -> int:
         first, run = job
-        waves = np.concatenate([load_clips(path, sample_rate=settings.sample_rate, n_samples=settings.n_samples,
-                                           starts=starts) for path, starts in run])
+        clips = [load_clips(path, sample_rate=settings.sample_rate, n_samples=settings.n_samples, starts=starts)
+                 for path, starts in run]
+        waves = clips[0] if len(clips) == 1 else np.concatenate(clips)  # a run is one file on a CPU: no copy
         for start in range(0, len(waves), batch_size):
             with torch.inference_mode():
                 rows = transform(torch.from_numpy(waves[start:start + batch_size]).to(device).unsqueeze(1))
-            rows = rows.squeeze(1).to(torch.float16)
-            if not rows.isfinite().all():
+            low, high = torch.aminmax(rows)
+            if not (low >= -FLOAT16_MAX and high <= FLOAT16_MAX):  # also false for NaN
                 raise EsclabError(f"{array} overflowed float16; {settings.overflow_fix}")
-            out[first + start:first + start + len(rows)] = rows.cpu().numpy()
+            out[first + start:first + start + len(rows)] = rows.squeeze(1).to(torch.float16).cpu().numpy()
         return len(run)
 
-    jobs = runs_of_files(files, batch_size)
-    pool = ThreadPoolExecutor(num_workers) if num_workers else None  # 0: all in the calling thread, easy to debug
-    with tqdm(total=len(files), desc="features", unit="file") as bar, one_torch_thread():
-        try:
-            for count in pool.map(fill, jobs) if pool else map(fill, jobs):
+    with workers(fill, num_workers, device) as run:
+        counts = run(runs_of_files(files, batch_size))
+        with tqdm(total=len(files), desc="features", unit="file") as bar:
+            for count in counts:
                 bar.update(count)
-        finally:
-            if pool:
-                pool.shutdown(cancel_futures=True)  # after an error, start no more files
 
 
 def write_features(split_csv: Path, out_dir: Path, settings, *, device: str = "auto",
