@@ -79,6 +79,20 @@ def test_cv_wallclock_bench_extrapolates_a_reduced_run_to_the_full_one(tmp_path)
     assert result["full_run_s"] > result["measured_wall_s"] and "train_gflop_per_clip" in result
 
 
+@pytest.mark.slow
+def test_ddp_bench_times_one_process_and_gloo_processes_on_the_same_fold(tmp_path):
+    """One round of each set-up, 5 classes of 1-s clips and a tiny network: ~30 s of real train.py runs."""
+    tiny = ["dataset.synthetic.n_classes=5", "dataset.synthetic.duration=1.0", "dataset.synthetic.sample_rate=16000",
+            "features.sample_rate=16000", "features.duration=1.0", "features.n_fft=512", "features.hop_length=128",
+            "features.n_mels=32", "model.channels=[4,4,4,4]", "model.fc_dim=8"]
+    result = bench("ddp", tmp_path / "ddp.json", "--threads", "1", "--clips-per-class", "5", "--repeats", "1",
+                   "--epochs", "2", *tiny)
+    assert result["devices"] == 2 and result["threads"] == {"one_process": 2, "ddp": 1}
+    assert result["train_clips"] == 15 and result["epochs"] == 2  # 25 clips less fold 1's test and validation rows
+    assert result["one_process_clips_per_s"]["median"] > 0 and result["ddp_clips_per_s"]["median"] > 0
+    assert result["ddp_over_one_process"]["verdict"] == "inconclusive"  # one round decides nothing
+
+
 def test_embed_bench_times_each_backbone(tmp_path):
     result = bench("embed", tmp_path / "embed.json", "--clips-per-class", "5")
     assert result["clips"] == 250 and [row["backbone"] for row in result["backbones"]] == ["yamnet", "aisfx"]

@@ -79,6 +79,22 @@ def test_one_fold_writes_checkpoint_predictions_and_history(tiny_data, tmp_path)
     assert not (tmp_path / "models/.fold_2").exists()
 
 
+def test_a_whole_cross_validation_returns_its_folds_mean_validation_score(tiny_data, tmp_path):
+    """What a hyper-parameter search maximises: never a test fold's accuracy."""
+    from mlflow import MlflowClient
+
+    cfg = compose_config(*tiny_overrides(tiny_data, tmp_path, "trainer.max_epochs=1", "tracking.log_model=false"))
+    score = train(cfg)
+    folds = [json.loads((tmp_path / f"reports/folds/{k}/fold.json").read_text()) for k in range(1, 6)]
+    assert score == pytest.approx(np.mean([fold["best_val"]["val/acc"] for fold in folds]))
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (parent,) = client.search_runs([client.get_experiment_by_name("esclab").experiment_id],
+                                   "tags.`esclab.fold` = 'all'")
+    assert parent.data.metrics["val/acc_best_mean"] == pytest.approx(score)
+    test_accuracy = json.loads((tmp_path / "reports/metrics.json").read_text())["accuracy_mean"]
+    assert parent.data.metrics["accuracy_mean"] == pytest.approx(test_accuracy)
+
+
 def test_two_cpu_runs_with_the_same_seed_are_identical(tiny_data, tmp_path):
     outputs = []
     for run in ("a", "b"):
