@@ -11,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -227,6 +227,23 @@ def pytest_collection_modifyitems(items):
     waiting for it. The sort is stable: each file keeps its own order."""
     slow = {item.path for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.path not in slow)
+
+
+def kill_when(args: list[str], cwd: Path, ready: Callable[[], bool], timeout: float = 300,
+              env: dict[str, str] | None = None) -> None:
+    """Run `args`; SIGKILL its whole process group (kill -9 of a stage and its workers) as soon as `ready()` is
+    true."""
+    proc = subprocess.Popen(args, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True, env=env)
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        if ready():
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return
+        time.sleep(0.002)
+    os.killpg(proc.pid, signal.SIGKILL)
+    pytest.fail(f"{args[:2]} ended (exit {proc.poll()}) before it could be killed: {proc.stderr.read()[-2000:]}")
 
 
 def free_port() -> int:

@@ -1,4 +1,5 @@
-"""DDP (issue 16): two gloo processes on the CPU train a fold as one process does, and rank zero alone writes.
+"""DDP (issue 16): two gloo processes on the CPU train a fold as one process does, rank zero alone writes, and a
+fold killed mid-way resumes to the same bytes.
 
 The real launch is `python train.py ... trainer=ddp_cpu`, whose second process Lightning starts from the same
 command line. Folds spread over GPUs cannot run here; their GPU assignment is checked as a function.
@@ -13,7 +14,7 @@ import sys
 import lightning as L
 import pandas as pd
 import pytest
-from conftest import REPO, compose_config, tiny_overrides
+from conftest import REPO, compose_config, kill_when, tiny_overrides
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from mlflow import MlflowClient
@@ -56,6 +57,24 @@ def test_two_ddp_processes_train_a_fold_and_write_its_outputs_once(tiny_data, dd
         assert len(client.get_metric_history(child.info.run_id, metric)) == 2, metric  # once per epoch, not per process
     assert len(client.get_metric_history(child.info.run_id, "test/acc")) == 1
     assert child.data.params["train.effective_batch_size"] == "16"  # 8 clips x 2 processes
+
+
+def test_a_killed_ddp_fold_resumes_and_writes_what_the_uninterrupted_run_wrote(tiny_data, ddp_run, tmp_path):
+    """kill -9 of both processes once epoch 0's checkpoint is in place; the same command resumes from it."""
+    command = [sys.executable, str(REPO / "train.py"),
+               *tiny_overrides(tiny_data, tmp_path, "fold=2", "trainer=ddp_cpu", "tracking.log_model=false")]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    kill_when(command, tmp_path, (tmp_path / "models/.fold_2/checkpoints/last.ckpt").exists, env=env)
+    assert not (tmp_path / "reports/folds/2").exists()
+
+    resumed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout + resumed.stderr
+    for name in ("predictions.csv", "history.csv"):
+        assert (tmp_path / "reports/folds/2" / name).read_bytes() == (ddp_run / "reports/folds/2" / name).read_bytes()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (child,) = client.search_runs([client.get_experiment_by_name("esclab").experiment_id], "tags.`esclab.fold` = '2'")
+    assert [m.step for m in client.get_metric_history(child.info.run_id, "val/acc")] == [0, 1]  # epoch 0 once
 
 
 def test_launches_the_fold_loop_cannot_follow_are_refused(tiny_data, ddp_run, tmp_path):

@@ -7,37 +7,18 @@ mid-write. The rerun must then finish with complete, correct outputs.
 
 import filecmp
 import logging
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-from conftest import REPO, TINY_FEATURES, compose_config, tiny_overrides
+from conftest import REPO, TINY_FEATURES, compose_config, kill_when, tiny_overrides
 
 from esclab.data.synthetic import write_archive
 from esclab.training.run import train
 
 ESCLAB = str(Path(sys.executable).parent / "esclab")
-
-
-def kill_when(args: list[str], cwd: Path, ready: Callable[[], bool], timeout: float = 300) -> None:
-    """Run `args`; SIGKILL its whole process group as soon as `ready()` is true."""
-    proc = subprocess.Popen(args, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
-    deadline = time.monotonic() + timeout
-    while proc.poll() is None and time.monotonic() < deadline:
-        if ready():
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            return
-        time.sleep(0.002)
-    os.killpg(proc.pid, signal.SIGKILL)
-    pytest.fail(f"{args[:2]} ended (exit {proc.poll()}) before it could be killed: {proc.stderr.read()[-2000:]}")
 
 
 def kill_mid_write(args: list[str], cwd: Path, temporaries: str) -> None:
