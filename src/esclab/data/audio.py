@@ -17,32 +17,33 @@ def decode(source: str | Path | BinaryIO, fix: str = "replace the file, or remov
     name = name or str(source)
     try:
         with sf.SoundFile(source) as file:
-            audio, rate, pcm16 = _samples(file), file.samplerate, file.subtype == "PCM_16"
+            (audio, from_integers), rate = _samples(file), file.samplerate
     except (sf.LibsndfileError, RuntimeError, OSError) as err:
         raise EsclabError(f"cannot decode {name} ({err}); {fix}") from None
     if audio.shape[0] == 0:
         raise EsclabError(f"{name} holds no audio samples; {fix}")
     mono = audio[:, 0] if audio.shape[1] == 1 else audio.mean(axis=1, dtype=np.float32)
-    if not pcm16 and not np.isfinite(mono).all():  # scaled 16-bit integers always are
+    if not from_integers and not np.isfinite(mono).all():  # scaled integers always are
         raise EsclabError(f"{name} decodes to NaN or infinite samples; {fix}")
     return mono, rate
 
 
-def _samples(file: sf.SoundFile) -> np.ndarray:
-    """The file's samples (frames x channels), float32 in [-1, 1].
+def _samples(file: sf.SoundFile) -> tuple[np.ndarray, bool]:
+    """The file's samples (frames x channels), float32 in [-1, 1], and whether they were read as integers.
 
     16-bit PCM (ESC-50's format, and most WAV files) is read as integers and scaled
     by numpy: the same values libsndfile's own float conversion gives (both multiply
     by 2**-15, which is exact), several times faster.
     """
     if file.subtype == "PCM_16":
-        return file.read(dtype="int16", always_2d=True) * np.float32(2**-15)
-    return file.read(dtype="float32", always_2d=True)
+        return file.read(dtype="int16", always_2d=True) * np.float32(2**-15), True
+    return file.read(dtype="float32", always_2d=True), False
 
 
-def pad_or_trim(mono: np.ndarray, n_samples: int) -> np.ndarray:
-    """`mono` zero-padded or trimmed to `n_samples`, float32."""
-    clip = np.zeros(n_samples, dtype=np.float32)
+def pad_or_trim(mono: np.ndarray, n_samples: int, out: np.ndarray | None = None) -> np.ndarray:
+    """`mono` zero-padded or trimmed to `n_samples`, float32: written into `out` (zeros, a row of a clips array)
+    if given, so a file's clips are cut in place rather than stacked after."""
+    clip = np.zeros(n_samples, dtype=np.float32) if out is None else out
     clip[:min(n_samples, len(mono))] = mono[:n_samples]
     return clip
 

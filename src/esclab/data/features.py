@@ -32,7 +32,7 @@ import torchaudio
 from tqdm import tqdm
 
 from esclab.atomic import atomic_dir
-from esclab.data.audio import decode
+from esclab.data.audio import decode, pad_or_trim
 from esclab.data.clips import cache_rows, check_clips, file_starts, recorded
 from esclab.errors import EsclabError
 
@@ -161,10 +161,9 @@ def cut(mono: np.ndarray, rate: int, *, sample_rate: int, n_samples: int, starts
     if rate != sample_rate:
         with torch.inference_mode():
             mono = resampler(rate, sample_rate)(torch.from_numpy(mono)).numpy()
-    clips = np.zeros((len(starts), n_samples), dtype=np.float32)  # each clip written in place, not stacked after
+    clips = np.zeros((len(starts), n_samples), dtype=np.float32)
     for clip, start in zip(clips, starts):
-        piece = mono[round(start * sample_rate):][:n_samples]
-        clip[:len(piece)] = piece
+        pad_or_trim(mono[round(start * sample_rate):], n_samples, out=clip)
     return clips
 
 
