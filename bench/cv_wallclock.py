@@ -167,7 +167,12 @@ def main() -> None:
         "peak_bf16_tflops": peak,
         "share_of_peak": round(achieved / peak, 4) if achieved and peak else None,
     }
-    report(result, args.out)
+    scale = "extrapolated" if reduced else "measured"
+    report(result, args.out, title=f"a whole {n_folds}-fold cross-validation at ESC-50's size, "
+           f"{' '.join(recipe) or 'the plain recipe'}",
+           headline=f"steady epoch {result['measured_steady_epoch_s']} s; full run {result['full_run_h']} h {scale}; "
+           f"{result['train_gflop_per_clip']} GFLOP per clip per training step, "
+           f"{result['achieved_tflops']} TFLOP/s achieved")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from cv_wallclock import config, steady_epoch_seconds
-from report import paired_ratio, parse_args, report, spread
+from report import iqr, paired_ratio, parse_args, report, spread
 
 from esclab import cli
 from esclab.training.run import fold_data
@@ -75,7 +75,7 @@ def main() -> None:
                 speeds[name].append(n_train / epoch_s)
                 print(f"round {round_} {name}: {n_train / epoch_s:.1f} clips/s, {time.perf_counter() - start:.0f} s")
 
-    report({
+    result = {
         "devices": args.devices,
         "threads": {name: n or "default" for name, n in threads.items()},  # per process
         "cpu_cores": os.cpu_count(),
@@ -86,7 +86,11 @@ def main() -> None:
         "one_process_clips_per_s": spread(speeds["one_process"]),
         "ddp_clips_per_s": spread(speeds["ddp"]),
         "ddp_over_one_process": paired_ratio(speeds["ddp"], speeds["one_process"]),
-    }, args.out)
+    }
+    report(result, args.out, title=f"one fold in one process vs {args.devices} DDP processes (trainer=ddp_cpu) on the "
+           f"same cores, {args.repeats} interleaved rounds of {args.epochs} epochs",
+           headline=f"training clips/s: one process {iqr(result['one_process_clips_per_s'])}, DDP "
+           f"{iqr(result['ddp_clips_per_s'])}; DDP over one process {iqr(result['ddp_over_one_process'])}")
 
 
 if __name__ == "__main__":

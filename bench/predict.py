@@ -73,6 +73,9 @@ def sizes(models: Path, fold: int | None, exported: Path) -> dict[str, int]:
             "onnx-int8": (exported / "model.int8.onnx").stat().st_size}
 
 
+FORMATS = ("torch", "onnx", "onnx-int8")
+
+
 def fold_accuracy(models: Path, split: Path, tmp: Path) -> list[dict]:
     """Each fold's own model, torch and exported, on that fold's held-back clips."""
     from esclab.data.audio import decode
@@ -127,8 +130,7 @@ def main() -> None:
             exported = tmp / "exported" / str(len(rows))
             record = export(models, exported, args.fold)
             size = sizes(models, args.fold, exported)
-            for fmt, path in (("torch", models), ("onnx", exported / "model.onnx"),
-                              ("onnx-int8", exported / "model.int8.onnx")):
+            for fmt, path in zip(FORMATS, (models, exported / "model.onnx", exported / "model.int8.onnx")):
                 rows.append({"model": name, "format": fmt, "size_mb": round(size[fmt] / 1e6, 1),
                              **{k: round(v, 1) if isinstance(v, float) else v
                                 for k, v in measure(fmt, path, clip, args.repeats, args.fold).items()}})
@@ -140,7 +142,14 @@ def main() -> None:
               "machine": platform.processor() or platform.machine(), "formats": rows}
     for name, folds in accuracy.items():
         result[f"accuracy {name}"] = folds
-    report(result, args.out)
+    def accuracy_of(folds: list[dict]) -> str:
+        means = (f"{fmt} {100 * np.mean([row[f'{fmt}_accuracy'] for row in folds]):.2f} %" for fmt in FORMATS)
+        return f"{', '.join(means)} ({sum(row['int8_changed_predictions'] for row in folds)} int8 answers changed)"
+
+    report(result, args.out, title="a trained model per format (torch, ONNX, ONNX int8) on one core: file size, peak "
+           "RSS, latency per clip; each fold's held-back clips", headline="; ".join(
+               f"{r['model']} {r['format']}: {r['size_mb']} MB, peak RSS {r['peak_rss_mb']} MB, {r['ms_per_clip']} ms"
+               for r in rows) + "".join(f"; {name} accuracy: {accuracy_of(folds)}" for name, folds in accuracy.items()))
 
 
 if __name__ == "__main__":

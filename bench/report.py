@@ -4,6 +4,9 @@ and as JSON on disk."""
 
 import argparse
 import json
+import shlex
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -62,8 +65,27 @@ def paired_ratio(numerators, denominators, limit: float = SPREAD_LIMIT) -> dict:
     return summary | {"verdict": (">1" if low > 1.0 else "<1") if conclusive else "inconclusive"}
 
 
-def report(result: dict, out: Path) -> None:
-    """Print the scalars as one column and each list of rows (dicts) as a table of its own; write it all as JSON."""
+def provenance() -> dict:
+    """What made a result: the command as typed, the machine, the commit and whether the code differed from it,
+    the code identity (esclab/identity.py) and the day. README's Benchmarks table shows these beside each figure."""
+    from esclab.identity import code_sha256, git_state
+    from esclab.tracking import hardware
+
+    state = git_state()
+    return {"command": shlex.join(["python", *sys.argv]), "machine": hardware(), "commit": state["git.commit"],
+            "dirty": state["git.dirty"], "code_sha256": code_sha256(), "date": time.strftime("%Y-%m-%d")}
+
+
+def iqr(summary: dict) -> str:
+    """`spread`'s or `paired_ratio`'s summary as `median [p25–p75]`, with the verdict where there is one."""
+    low, high = summary["iqr"]
+    return f"{summary['median']:g} [{low:g}–{high:g}]" + (f" `{summary['verdict']}`" if "verdict" in summary else "")
+
+
+def report(result: dict, out: Path, *, title: str, headline: str) -> None:
+    """Print the scalars as one column and each list of rows (dicts) as a table of its own; write it all as JSON,
+    with its `title` and `headline` (the row README's Benchmarks table shows, `make results`) and its provenance."""
+    result = {"title": title, "headline": headline} | result | {"provenance": provenance()}
     tables = {key: value for key, value in result.items() if isinstance(value, list) and value
               and all(isinstance(row, dict) for row in value)}
     print(pd.Series({key: value for key, value in result.items() if key not in tables}).to_string())

@@ -181,7 +181,12 @@ def main() -> None:
                         help=f"time these fine-tuning recipes instead, comma-separated, of: {', '.join(FAMILIES)}")
     args = parse_args(parser, "train_step")
     if args.families:
-        return report(finetune_families(args), args.out)
+        result = finetune_families(args)
+        return report(result, args.out, title=f"one training step of each fine-tuning recipe on {result['device']}, "
+                      f"at its experiment's batch size, {result['timed_steps']} timed steps",
+                      headline="; ".join(f"{r['family']} {r['samples_per_s']} samples/s ({r['precision']}, "
+                                         f"{r['trained_M']} M trained), step memory {r['step_memory_GB']} GB, 5 folds "
+                                         f"~{r['five_fold_hours']} h" for r in result["families"]))
     names = args.variants.split(",")
     if unknown := set(names) - set(VARIANTS):
         parser.error(f"--variants: unknown {', '.join(sorted(unknown))}; choose from {', '.join(VARIANTS)}")
@@ -209,7 +214,13 @@ def main() -> None:
         "inconclusive_when": f"ratio IQR holds 1.0 or > {SPREAD_LIMIT:.0%} of median, or < 3 rounds",
         "variants": rows,
     }
-    report(result, args.out)
+    report(result, args.out, title=f"cnn4 training step, Lightning vs a plain loop per fast-path variant, input "
+           f"1x{args.n_mels}x{args.frames}, batch {args.batch_size}, {result['device']}, {args.repeats} interleaved "
+           f"rounds of {args.steps} steps", headline="; ".join(
+               f"{r['variant']} {r['lightning_samples_per_s']:g} samples/s (Lightning/plain "
+               f"{r['lightning_over_plain']:g} `{r['lightning_over_plain_verdict']}`"
+               + (f", over fp32 {r['lightning_over_fp32']:g} `{r['lightning_over_fp32_verdict']}`"
+                  if r["variant"] != "fp32" and "lightning_over_fp32" in r else "") + ")" for r in rows))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,12 @@ def bench(name: str, out, *args: str) -> dict:
                             cwd=out.parent, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert f"wrote {out}" in result.stdout
-    return json.loads(out.read_text())
+    written = json.loads(out.read_text())
+    # What README's Benchmarks table shows of it (esclab/results.py): a title, a headline and what made it.
+    assert written["title"] and written["headline"], written
+    assert {"command", "machine", "commit", "dirty", "code_sha256", "date"} <= set(written["provenance"])
+    assert written["provenance"]["command"].startswith(f"python {REPO / 'bench' / name}.py")
+    return written
 
 
 def test_features_bench_compares_the_stage_with_a_naive_loop(tmp_path):

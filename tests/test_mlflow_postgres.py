@@ -96,7 +96,7 @@ def test_the_same_fold_run_again_joins_its_runs_on_the_server_and_is_not_retrain
     before = rows(database, count)
     with caplog.at_level("INFO", logger="esclab.training.run"):
         train_fold_1(tiny_data, trained, team_server[0])
-    assert "fold 1: already trained with this config and data" in caplog.text
+    assert "fold 1: already trained by this code, config, data and weights" in caplog.text
     assert rows(database, count) == before  # the parent found on the server by its key, no new run, nothing relogged
 
 

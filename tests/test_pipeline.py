@@ -150,6 +150,18 @@ def test_demo_reproduces_readme_then_nothing_to_do_a_restored_fold_and_experimen
     again = run(repo, "dvc", "repro")
     assert again.returncode == 0 and "Running stage" not in again.stdout, again.stdout
 
+    # An edit to code a stage runs (even a comment) or to the lock files makes DVC list exactly the stages that run it.
+    folds = {f"train@{k}" for k in range(1, 6)}
+    for edited, stages in (("src/esclab/config.py", {"download", "split", "features", *folds, "evaluate"}),
+                           ("src/esclab/evaluation/metrics.py", {*folds, "evaluate"}),
+                           ("requirements.lock", {"download", "split", "features", *folds, "evaluate"})):
+        path = repo / edited
+        text = path.read_text()
+        path.write_text(text + "\n# edited\n")
+        status = run(repo, "dvc", "status", "--json")
+        assert status.returncode == 0 and set(json.loads(status.stdout)) == stages, (edited, status.stdout)
+        path.write_text(text)
+
     # One fold's outputs deleted: DVC restores them from its cache without training...
     before = {name: (repo / name).read_bytes() for name in ("reports/metrics.json", "reports/folds/2/predictions.csv")}
     delete_fold(repo, 2)

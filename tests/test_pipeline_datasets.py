@@ -149,7 +149,7 @@ def test_repro_on_urbansound8k_over_http_with_its_ten_folds_then_train_py_pools_
 
     pooled = run(repo, sys.executable, "train.py", *overrides, "fold=null")
     assert pooled.returncode == 0, pooled.stdout[-3000:] + pooled.stderr[-3000:]
-    assert (pooled.stdout + pooled.stderr).count("already trained with this config and data") == 10
+    assert (pooled.stdout + pooled.stderr).count("already trained by this code, config, data and weights") == 10
 
     from mlflow import MlflowClient
 

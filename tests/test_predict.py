@@ -141,8 +141,8 @@ def test_bad_models_and_inputs_end_in_one_line(cnn4_run, tiny_data, tmp_path, se
     else:
         import shutil
 
-        shutil.copy(cnn4_run / "models/fold_1.ckpt", tmp_path / "fold_1.ckpt")
-        shutil.copy(cnn4_run / "models/fold_2.ckpt", tmp_path / "fold_2.ckpt")
+        for fold in range(1, 6):
+            shutil.copy(cnn4_run / f"models/fold_{fold}.ckpt", tmp_path / f"fold_{fold}.ckpt")
         model = torch.load(tmp_path / "fold_2.ckpt", weights_only=False)
         model["hyper_parameters"]["preprocessing"]["settings"]["n_mels"] = 64
         torch.save(model, tmp_path / "fold_2.ckpt")

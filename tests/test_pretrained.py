@@ -6,6 +6,7 @@ with `save_pretrained` into a folder that `model.checkpoint` points at.
 """
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -351,3 +352,32 @@ def test_a_frozen_whisper_averages_only_the_frames_of_the_audio_not_of_its_paddi
     assert len(frames) == 50 and embeddings.shape == (1, 16)  # 0.5 s: one window
     assert np.allclose(embeddings[0], frames[:25].mean(0), atol=1e-5)
     assert not np.allclose(embeddings[0], frames.mean(0), atol=1e-3)
+
+
+def test_a_hub_id_takes_a_revision_and_names_the_one_it_resolved_to(hub, checkpoints, caplog):
+    """Offline, from the hub's cache as huggingface_hub lays it out (refs/main names a commit, snapshots/<commit>/
+    holds its files): a bare id resolves to main's commit, and the log says how to pin it; `id@<commit>` to that
+    commit's files whatever main says; a revision the cache lacks is one line naming it."""
+    from huggingface_hub import constants
+
+    from esclab.models.backbones.hub import resolve
+
+    hub("http://127.0.0.1:9", offline=True)
+    repo = Path(constants.HF_HUB_CACHE) / "models--esclab--tiny"
+    old, new = "1" * 40, "2" * 40
+    shutil.copytree(checkpoints["wav2vec2"], repo / "snapshots" / old)
+    shutil.copytree(checkpoints["hubert"], repo / "snapshots" / new)
+    (repo / "refs").mkdir()
+    (repo / "refs/main").write_text(new)
+    with caplog.at_level(logging.INFO, logger="esclab.models.backbones.hub"):
+        current = resolve("esclab/tiny", "model.checkpoint")
+    assert (current.folder, current.revision) == (repo / "snapshots" / new, new)
+    assert f"to keep these weights: model.checkpoint=esclab/tiny@{new}" in caplog.text
+    pinned = resolve(f"esclab/tiny@{old}", "model.checkpoint")
+    assert pinned.folder == repo / "snapshots" / old and pinned.exact_name == f"esclab/tiny@{old}"
+    assert pinned.sha256 != current.sha256
+    with pytest.raises(EsclabError, match=f"model.checkpoint=esclab/tiny@{'3' * 40}: HF_HUB_OFFLINE=1 and it is not "
+                                          "in the hub's cache"):
+        resolve(f"esclab/tiny@{'3' * 40}", "model.checkpoint")
+    folder = resolve(str(pinned.folder), "model.checkpoint")  # a folder is itself: no revision
+    assert folder.revision is None and folder.exact_name == str(pinned.folder)

@@ -7,7 +7,8 @@ import pytest
 from conftest import REPO
 
 from esclab.errors import EsclabError
-from esclab.results import BEGIN, END, load_records, recipe, render_table, write_readme
+from esclab.results import (BEGIN, BENCH_BEGIN, BENCH_END, END, load_benchmarks, load_records, recipe,
+                            render_benchmarks, render_table, write_readme)
 
 
 def test_readme_results_table_is_what_the_records_render():
@@ -15,6 +16,28 @@ def test_readme_results_table_is_what_the_records_render():
     readme = (REPO / "README.md").read_text()
     table = readme.split(BEGIN, 1)[1].split(END, 1)[0]
     assert table.strip() == render_table(records), "README's Results table was edited by hand: run `make results`"
+
+
+def test_readme_benchmarks_table_is_what_the_benchmark_files_render():
+    readme = (REPO / "README.md").read_text()
+    table = readme.split(BENCH_BEGIN, 1)[1].split(BENCH_END, 1)[0]
+    assert table.strip() == render_benchmarks(load_benchmarks(REPO / "reports" / "bench")), (
+        "README's Benchmarks table was edited by hand, or a benchmark ran since: run `make results`")
+
+
+def test_every_benchmark_file_names_its_command_machine_and_a_clean_commit():
+    for path, result in load_benchmarks(REPO / "reports" / "bench").items():
+        made = result["provenance"]
+        assert made["command"].startswith("python bench/") and made["machine"], path
+        assert len(made["commit"]) == 40 and made["dirty"] == "false", (path, "rerun it on committed code")
+
+
+def test_a_benchmark_row_shows_its_headline_command_machine_and_commit(tmp_path):
+    made = {"command": "python bench/features.py", "machine": "2 CPU cores", "commit": "a" * 40, "dirty": "false"}
+    (tmp_path / "features.json").write_text(json.dumps({"title": "t", "headline": "9 clips/s", "provenance": made}))
+    (row,) = render_benchmarks(load_benchmarks(tmp_path)).splitlines()[2:]
+    assert row == ("| t | `python bench/features.py` | 9 clips/s | 2 CPU cores | `aaaaaaaa` | "
+                   "[features.json](reports/bench/features.json) |")
 
 
 def test_every_record_names_its_command_machine_and_data():

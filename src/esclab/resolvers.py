@@ -30,5 +30,22 @@ def validation_fold(split: str = "kfold") -> int | None:
     return HOLDOUT_FOLDS["validation"] if split == "holdout" else None
 
 
+def local_source(source_dir: str | None, archive: str | None, stand_in: str) -> str:
+    """What the download stage reads from this machine, for DVC to hash (dvc.yaml's download deps): the local folder
+    or archive the dataset comes from, else `stand_in`, a file the stage already depends on (DVC needs a path; a
+    downloaded archive's content is pinned by dataset.sha256, a synthetic one's by dataset.synthetic)."""
+    return source_dir or archive or stand_in
+
+
+def system_name(model: str, backbones, checkpoint: str | None) -> str:
+    """What a cross-validation trains, for run and registry names: the learner after the frozen backbones it reads
+    (yamnet_aisfx_ffn), a fine-tuned checkpoint (wav2vec2-base-finetuned), or the learner alone (cnn4)."""
+    if checkpoint:
+        return str(checkpoint).rstrip("/").rsplit("/", 1)[-1] + "-finetuned"
+    return "_".join([*(backbones or []), model])
+
+
 OmegaConf.register_new_resolver("esclab.folds", fold_numbers, replace=True)
 OmegaConf.register_new_resolver("esclab.val_fold", validation_fold, replace=True)
+OmegaConf.register_new_resolver("esclab.source", local_source, replace=True)
+OmegaConf.register_new_resolver("esclab.system", system_name, replace=True)

@@ -2,7 +2,8 @@
 
 Each row is a committed record, `reports/results/<name>.json`: the run's title,
 the command that made it, its recipe (the overrides `params.yaml` was composed
-with), the machine, the data (the DVC md5s of the raw dataset, the split table
+with), the machine, the code (the commit, which must have been clean, and the code
+identity's sha256, identity.py), the data (the DVC md5s of the raw dataset, the split table
 and the feature cache) and the pooled metrics. `esclab results` (`make results`)
 refreshes the record whose recipe the workspace ran, from `reports/metrics.json`,
 `dvc.lock` and the cross-validation's MLflow parent run, then rewrites the table
@@ -22,12 +23,16 @@ from omegaconf import DictConfig
 from esclab.atomic import atomic_file
 from esclab.errors import EsclabError
 from esclab.params import recorded_overrides
-from esclab.tracking import FOLD_TAG, HARDWARE_TAG, KEY_TAG, data_tags, hardware, resolve_uri, run_key, weights_tags
+from esclab.identity import git_state
+from esclab.tracking import CODE_TAG, FOLD_TAG, HARDWARE_TAG, KEY_TAG, hardware, identity_of, resolve_uri
 
 log = logging.getLogger(__name__)
 
 BEGIN = "<!-- results: written by `make results` from reports/results/*.json; edit those, not this table -->"
 END = "<!-- end of results -->"
+BENCH_BEGIN = ("<!-- benchmarks: written by `make results` from reports/bench/*.json, which bench/ writes; rerun a "
+               "benchmark, not this table -->")
+BENCH_END = "<!-- end of benchmarks -->"
 # Overrides that say where the data or the runs live, not what is computed: a local copy of
 # ESC-50 (dataset.source_dir=...) runs the same recipe as the download, and its data hashes say so.
 LOCATION = ("dataset.source_dir=", "dataset.archive=", "dataset.url=", "paths.", "tracking.")
@@ -40,18 +45,25 @@ def recipe(overrides: list[str]) -> list[str]:
     return [o for o in overrides if not o.startswith(LOCATION)]
 
 
-def load_records(folder: Path) -> dict[Path, dict]:
-    """Every record in `folder`, by file name order (the table's row order)."""
-    records = {}
+def load_json_files(folder: Path, fields: tuple[str, ...], fix: str) -> dict[Path, dict]:
+    """Every JSON file in `folder`, by file name order (a table's row order), each with `fields`; `fix` says how to
+    mend a broken one."""
+    loaded = {}
     for path in sorted(folder.glob("*.json")):
         try:
-            record = json.loads(path.read_text())
+            content = json.loads(path.read_text())
         except json.JSONDecodeError as err:
-            raise EsclabError(f"{path} is not valid JSON ({err}): fix it, or restore it with git") from None
-        missing = [field for field in FIELDS if field not in record]
+            raise EsclabError(f"{path} is not valid JSON ({err}): {fix}") from None
+        missing = [field for field in fields if field not in content]
         if missing:
-            raise EsclabError(f"{path} lacks {', '.join(missing)}: every results record needs {', '.join(FIELDS)}")
-        records[path] = record
+            raise EsclabError(f"{path} lacks {', '.join(missing)}: each needs {', '.join(fields)}; {fix}")
+        loaded[path] = content
+    return loaded
+
+
+def load_records(folder: Path) -> dict[Path, dict]:
+    """Every results record in `folder`."""
+    records = load_json_files(folder, FIELDS, "fix it, or restore it with git")
     if not records:
         raise EsclabError(f"no results records in {folder}: restore reports/results/ with git")
     return records
@@ -78,8 +90,9 @@ def locked_md5s(root: Path, paths: DictConfig) -> dict[str, str]:
     return md5s
 
 
-def machine_of(cfg: DictConfig, md5s: dict[str, str]) -> str:
-    """The machine the cross-validation trained on, from its MLflow parent run (this one's if it has none).
+def run_of(cfg: DictConfig, md5s: dict[str, str]) -> dict[str, str]:
+    """The machine the cross-validation trained on and the code it ran, from its MLflow parent run (this machine's
+    and the code checked out now if it has none).
 
     The run is found by its key, made from the data's md5s as dvc.lock records them (the ones the
     tracker hashed), so the dataset is not hashed a second time.
@@ -87,13 +100,16 @@ def machine_of(cfg: DictConfig, md5s: dict[str, str]) -> str:
     uri = resolve_uri(cfg.tracking.uri)
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(cfg.tracking.experiment)
-    key = run_key(cfg, data_tags(cfg.paths, md5s) | weights_tags(cfg.model))
-    found = experiment and client.search_runs(
-        [experiment.experiment_id], f"tags.`{KEY_TAG}` = '{key}' and tags.`{FOLD_TAG}` = 'all'", max_results=1)
-    if found and HARDWARE_TAG in found[0].data.tags:
-        return found[0].data.tags[HARDWARE_TAG]
-    log.info("results: no MLflow run of this cross-validation in %s names its machine; recording this one", uri)
-    return hardware()
+    identity = identity_of(cfg, md5s)
+    found = experiment and client.search_runs([experiment.experiment_id], f"tags.`{KEY_TAG}` = '{identity['run_key']}'"
+                                              f" and tags.`{FOLD_TAG}` = 'all'", max_results=1)
+    tags = found[0].data.tags if found else {}
+    if HARDWARE_TAG not in tags:
+        log.info("results: no MLflow run of this cross-validation in %s names its machine; recording this one", uri)
+        tags = {HARDWARE_TAG: hardware(), CODE_TAG: identity["code"]} | git_state()
+    return {"machine": tags[HARDWARE_TAG], "code": {"commit": tags.get("git.commit", "none"),
+                                                   "dirty": tags.get("git.dirty", "unknown"),
+                                                   "sha256": tags.get(CODE_TAG, identity["code"])}}
 
 
 def record_workspace(cfg: DictConfig, root: Path, records: dict[Path, dict]) -> Path | None:
@@ -117,15 +133,22 @@ def record_workspace(cfg: DictConfig, root: Path, records: dict[Path, dict]) -> 
     check_up_to_date(root)
     metrics = json.loads(metrics_file.read_text())
     md5s = locked_md5s(root, cfg.paths)
-    path, machine = matches[0], machine_of(cfg, md5s)
-    record = records[path] | {"machine": machine, "data": md5s,
-                              "metrics": {k: metrics[k] for k in KEPT_METRICS}}
+    path, made = matches[0], run_of(cfg, md5s)
+    machine = made["machine"]
+    record = records[path] | made | {"data": md5s, "metrics": {k: metrics[k] for k in KEPT_METRICS}}
     kept = records[path]
+    if kept.get("code") and (kept["data"], kept["metrics"], kept["machine"]) == (md5s, record["metrics"], machine):
+        log.info("results: %s already records this run's data and metrics, made by the code it names", path)
+        return None
     if kept["metrics"] and kept["machine"] != machine and not cfg.get("results", {}).get("replace", False):
         log.info("results: kept %s, made on %s; this run, on %s, gives accuracy %s (the record: %s). "
                  "To record this machine's run instead: `make results ARGS=+results.replace=true`",
                  path, kept["machine"], machine, accuracy_cell(record["metrics"]), accuracy_cell(kept["metrics"]))
         return None
+    if made["code"]["dirty"] != "false":
+        raise EsclabError(f"the run to record in {path} ran code that differs from commit {made['code']['commit'][:12]}"
+                          " (git.dirty): commit the code, rerun the pipeline (dvc repro), then `make results`, so "
+                          "that the record names the code that made it")
     with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
     records[path] = record
@@ -147,24 +170,51 @@ def accuracy_cell(metrics: dict) -> str:
     return f"**{100 * metrics['accuracy_mean']:.2f} ± {100 * metrics['accuracy_std']:.2f} %** (folds {spread})"
 
 
+def code_cell(code: dict | None) -> str:
+    """The commit a record's run ran (records made before esclab recorded the code say so)."""
+    return f"`{code['commit'][:8]}`" if code else "not recorded"
+
+
 def render_table(records: dict[Path, dict]) -> str:
     lines = ["| run | command | accuracy (5-fold mean ± std) | macro-F1 | data: md5 of raw / split / features | "
-             "machine | record |", "|---|---|---|---|---|---|---|"]
+             "code: commit | machine | record |", "|---|---|---|---|---|---|---|---|"]
     for path, r in records.items():
         macro_f1 = f"{r['metrics']['macro_f1']:.3f}" if "macro_f1" in r["metrics"] else "–"
         data = " / ".join(f"`{r['data'][name][:8]}`" if r["data"][name] else "–" for name in STAGE_OUTPUTS)
         lines.append(f"| {r['title']} | `{r['command']}` | {accuracy_cell(r['metrics'])} | {macro_f1} | {data} | "
-                     f"{r['machine']} | [{path.name}](reports/results/{path.name}) |")
+                     f"{code_cell(r.get('code'))} | {r['machine']} | [{path.name}](reports/results/{path.name}) |")
     return "\n".join(lines)
 
 
-def write_readme(readme: Path, table: str) -> bool:
-    """Put `table` between README's markers; True if README changed."""
+def load_benchmarks(folder: Path) -> dict[Path, dict]:
+    """Every benchmark result in `folder` (bench/report.py writes them)."""
+    return load_json_files(folder, ("title", "headline", "provenance"), "rerun its benchmark, or restore it with git")
+
+
+def render_benchmarks(results: dict[Path, dict]) -> str:
+    lines = ["| benchmark | command | result | machine | code: commit | result file |", "|---|---|---|---|---|---|"]
+    for path, r in results.items():
+        made = r["provenance"]
+        commit = f"`{made['commit'][:8]}`" + (" (uncommitted changes)" if made["dirty"] != "false" else "")
+        lines.append(f"| {r['title']} | `{made['command']}` | {r['headline']} | {made['machine']} | {commit} | "
+                     f"[{path.name}](reports/bench/{path.name}) |")
+    return "\n".join(lines)
+
+
+def between(text: str, begin: str, end: str, table: str, readme: Path) -> str:
+    """`text` with `table` between the markers `begin` and `end`."""
+    if begin not in text or end not in text:
+        raise EsclabError(f"{readme} lacks the markers {begin} ... {end}: restore them with git")
+    head, rest = text.split(begin, 1)
+    return f"{head}{begin}\n{table}\n{end}{rest.split(end, 1)[1]}"
+
+
+def write_readme(readme: Path, table: str, benchmarks: str | None = None) -> bool:
+    """Put `table` (and `benchmarks`) between README's markers; True if README changed."""
     text = readme.read_text()
-    if BEGIN not in text or END not in text:
-        raise EsclabError(f"{readme} lacks the results markers ({BEGIN} ... {END}): restore them with git")
-    head, rest = text.split(BEGIN, 1)
-    new = f"{head}{BEGIN}\n{table}\n{END}{rest.split(END, 1)[1]}"
+    new = between(text, BEGIN, END, table, readme)
+    if benchmarks is not None:
+        new = between(new, BENCH_BEGIN, BENCH_END, benchmarks, readme)
     if new == text:
         return False
     with atomic_file(readme) as tmp:
@@ -173,9 +223,11 @@ def write_readme(readme: Path, table: str) -> bool:
 
 
 def write_results(cfg: DictConfig, root: Path = Path(".")) -> bool:
-    """The `results` command: record the workspace's run, if it is a row of the table, then rewrite the table."""
+    """The `results` command: record the workspace's run, if it is a row of the table, then rewrite the table and
+    the benchmarks' table."""
     records = load_records(root / "reports" / "results")
     record_workspace(cfg, root, records)
-    changed = write_readme(root / "README.md", render_table(records))
+    benchmarks = render_benchmarks(load_benchmarks(root / "reports" / "bench"))
+    changed = write_readme(root / "README.md", render_table(records), benchmarks)
     log.info("results: README.md %s", "updated" if changed else "unchanged")
     return changed

@@ -1,12 +1,15 @@
 """Everything MLflow and data-version: every run says which code and which data made it.
 
 One cross-validation is one parent run; each fold is a child run under it. The
-fold stages run as separate processes, so a fold finds its parent by a key: a
-hash of the resolved config without `fold` and `train.parallel_folds` (which
-say which folds run and how many at once, not what a fold computes) plus the
-data hashes. Rerunning a fold therefore joins the same parent (and the same
-child) instead of starting a new experiment, and two runs on different data
-never share a parent.
+fold stages run as separate processes, so a fold finds its parent by a key: the
+hash of the cross-validation's code, config, data and weights (identity.py).
+Rerunning a fold therefore joins the same parent instead of starting a new
+experiment, and two runs of different code or data never share a parent.
+
+A FINISHED run is a record and is never written into again: a fold trained
+again under the same key (its outputs were deleted) gets a new run, under a new
+parent if the old one had finished; pooling the same folds again logs nothing.
+So a registered model version, whose files are its parent's fold runs', never changes.
 
 The parent run is RUNNING from the first fold until the evaluate stage has
 pooled the folds, and FAILED as soon as a fold fails, also when each fold is a
@@ -22,12 +25,10 @@ Data hashes are DVC's own md5s (dvc_data computes them exactly as `dvc.lock`
 records them), so an MLflow run can be matched to a `dvc.lock` entry.
 """
 
-import hashlib
 import json
 import logging
 import os
 import platform
-import subprocess
 import tempfile
 import time
 import warnings
@@ -46,6 +47,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from esclab.config import minimised
 from esclab.errors import EsclabError
+from esclab.identity import git_state, run_identity
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,7 @@ STUDY_TAG = "esclab.study"
 TRIAL_TAG = "esclab.trial"  # a trial's number, or "all" on the study's own run
 HARDWARE_TAG = "esclab.hardware"
 WEIGHTS_TAG = "model.weights.sha256"
+CODE_TAG = "esclab.code.sha256"  # identity.code_sha256: the training code and the lock files
 DATA = ("raw", "split", "features")  # the paths.* whose DVC hashes tag every run
 UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
 SKOPS_TRUSTED = ["esclab.models.heads.pool", "functools.partial", "sklearn.calibration._CalibratedClassifier",
@@ -126,9 +129,13 @@ def dvc_md5(path: Path) -> str:
     return obj.hash_info.value
 
 
-def data_tags(paths: DictConfig, md5s: dict[str, str] | None = None) -> dict[str, str]:
-    """Each data path and its DVC md5: `md5s` where dvc.lock already says them, else hashed here."""
-    md5s = md5s or {name: dvc_md5(Path(paths[name])) for name in DATA}
+def data_md5s(paths: DictConfig) -> dict[str, str]:
+    """The DVC md5 of each data path (raw, split, features)."""
+    return {name: dvc_md5(Path(paths[name])) for name in DATA}
+
+
+def data_tags(paths: DictConfig, md5s: dict[str, str]) -> dict[str, str]:
+    """Each data path and its DVC md5."""
     return {f"data.{name}.md5": md5s[name] for name in DATA} | {f"data.{name}.path": str(paths[name]) for name in DATA}
 
 
@@ -142,27 +149,21 @@ def backbone_tags(features_dir: Path) -> dict[str, str]:
     return {"backbone": "+".join(settings["backbones"])} | hashes
 
 
-def weights_tags(model: DictConfig) -> dict[str, str]:
-    """The sha256 of the pretrained weights file a network starts from (model.weights; none from random weights).
+def weights_sha256(model: DictConfig) -> str | None:
+    """The sha256 of the pretrained weights file a network starts from (model.weights; None from random weights).
 
     Like the data's hashes it is part of the run key: other bytes under the same
     path are another run, and a fold trained from the old ones is not reused.
     """
     from esclab.models import pretrained_sha256
 
-    sha256 = pretrained_sha256(OmegaConf.to_container(model, resolve=True))
-    return {WEIGHTS_TAG: sha256} if sha256 else {}
+    return pretrained_sha256(OmegaConf.to_container(model, resolve=True))
 
 
-def git_tags() -> dict[str, str]:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
-
-    try:
-        return {"git.commit": git("rev-parse", "HEAD"),
-                "git.dirty": str(bool(git("status", "--porcelain", "--untracked-files=no"))).lower()}
-    except (subprocess.CalledProcessError, FileNotFoundError):
-        return {"git.commit": "none", "git.dirty": "unknown"}
+def identity_of(cfg: DictConfig, md5s: dict[str, str] | None = None) -> dict:
+    """The cross-validation's identity (identity.run_identity); `md5s` where dvc.lock already says them."""
+    return run_identity(OmegaConf.to_container(cfg, resolve=True), md5s or data_md5s(cfg.paths),
+                        weights_sha256(cfg.model))
 
 
 def hardware() -> str:
@@ -183,17 +184,6 @@ def cpu_model() -> str:
     names = [line.split(":", 1)[1].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
              if line.startswith("model name")]
     return names[0] if names else platform.machine()
-
-
-def run_key(cfg: DictConfig, data: dict[str, str]) -> str:
-    """What makes two runs the same cross-validation: the config without `fold` and
-    `train.parallel_folds` (which folds run, and how many at once), the data hashes and the pretrained weights'."""
-    without_fold = OmegaConf.to_container(cfg, resolve=True)
-    without_fold.pop("fold")
-    without_fold["train"].pop("parallel_folds")
-    inputs = {k: v for k, v in data.items() if k.startswith("data.") or k == WEIGHTS_TAG}
-    identity = json.dumps([without_fold, inputs], sort_keys=True)
-    return hashlib.sha256(identity.encode()).hexdigest()[:16]
 
 
 def flat_params(cfg: DictConfig) -> dict[str, str]:
@@ -277,9 +267,12 @@ class Tracker:
         self.cfg, self.active = cfg, active
         if active:
             check_reachable(self.uri)  # before hashing the data, which can take a while
-        self.tags = (data_tags(cfg.paths) | backbone_tags(Path(cfg.paths.features)) | weights_tags(cfg.model)
-                     | git_tags() | {HARDWARE_TAG: hardware()})
-        self.key = run_key(cfg, self.tags)
+        md5s = data_md5s(cfg.paths)
+        self.identity = identity_of(cfg, md5s)
+        self.key = self.identity["run_key"]
+        weights = {WEIGHTS_TAG: self.identity["weights"]} if self.identity["weights"] else {}
+        self.tags = (data_tags(cfg.paths, md5s) | backbone_tags(Path(cfg.paths.features)) | weights
+                     | {CODE_TAG: self.identity["code"]} | git_state() | {HARDWARE_TAG: hardware()})
         if not active:
             return
         mlflow.set_tracking_uri(self.uri)
@@ -288,19 +281,34 @@ class Tracker:
         study = cfg.tracking.study
         if study:
             self.tags |= {STUDY_TAG: study, TRIAL_TAG: str(cfg.tracking.trial)}
-        self.parent_id = self._find_or_create(parent=study_run(self.client, self.experiment_id, study) if study
-                                              else None)
+        # The cross-validation's open run (RUNNING or FAILED), if any, and its newest FINISHED one.
+        self.parent_id = self._find(open_runs=True)
+        self.recorded_id = None if self.parent_id else self._find(open_runs=False)
+        if not self.parent_id and not self.recorded_id:
+            self.open()  # before any fold process looks for it
 
     def ui_url(self) -> str:
         return browse_url(self.uri, self.experiment_id)
 
-    def _find_or_create(self, parent: str | None, fold: int | None = None) -> str:
-        filters = [f"tags.`{KEY_TAG}` = '{self.key}'"]
-        filters.append(f"tags.`{FOLD_TAG}` = '{fold}'" if fold else f"tags.`{FOLD_TAG}` = 'all'")
-        found = self.client.search_runs([self.experiment_id], " and ".join(filters), max_results=1)
-        if found:
-            return found[0].info.run_id
-        name = f"{self.cfg.model.name}-{self.cfg.dataset.name}" + (f"-fold{fold}" if fold else "")
+    def open(self) -> str:
+        """The cross-validation's open parent run, made if there is none (a FINISHED one is not written into)."""
+        if not self.parent_id:
+            study = self.cfg.tracking.study
+            self.parent_id = self._create(study_run(self.client, self.experiment_id, study) if study else None)
+        return self.parent_id
+
+    def _find(self, open_runs: bool, fold: int | None = None) -> str | None:
+        """The newest run with this key (of `fold`, or the parent), open or FINISHED as `open_runs` says."""
+        filters = [f"tags.`{KEY_TAG}` = '{self.key}'", f"tags.`{FOLD_TAG}` = '{fold or 'all'}'",
+                   "attributes.status != 'FINISHED'" if open_runs else "attributes.status = 'FINISHED'"]
+        if TRIAL_TAG in self.tags:  # a search's trials are runs of their own, even where two drew the same values
+            filters.append(f"tags.`{TRIAL_TAG}` = '{self.tags[TRIAL_TAG]}'")
+        found = self.client.search_runs([self.experiment_id], " and ".join(filters), max_results=1,
+                                        order_by=["attributes.start_time DESC"])
+        return found[0].info.run_id if found else None
+
+    def _create(self, parent: str | None, fold: int | None = None) -> str:
+        name = self.cfg.tracking.name + (f"-fold{fold}" if fold else "")
         tags = self.tags | {KEY_TAG: self.key, FOLD_TAG: str(fold or "all"), "mlflow.runName": name}
         if parent:
             tags["mlflow.parentRunId"] = parent
@@ -333,8 +341,9 @@ class Tracker:
         The parent is RUNNING while any fold trains (again, when a fold is rerun) and
         FAILED with a failed fold; only `log_pooled` (after evaluate) marks it FINISHED.
         """
-        run_id = self._find_or_create(self.parent_id, fold)
-        self.client.update_run(self.parent_id, status="RUNNING")
+        parent = self.open()
+        run_id = self._find(open_runs=True, fold=fold) or self._create(parent, fold)
+        self.client.update_run(parent, status="RUNNING")
         self.client.update_run(run_id, status="RUNNING")
         try:
             yield run_id
@@ -346,7 +355,7 @@ class Tracker:
 
     def fail(self) -> None:
         """Mark the cross-validation FAILED (a fold, or pooling them, failed)."""
-        if self.active:
+        if self.active and self.parent_id:
             self.client.set_terminated(self.parent_id, "FAILED")
 
     def log_model(self, run_id: str, model, example) -> None:
@@ -365,7 +374,12 @@ class Tracker:
                                      pyfunc_predict_fn="predict_proba", skops_trusted_types=SKOPS_TRUSTED)
 
     def log_pooled(self, metrics: dict, reports: Path) -> None:
-        """The cross-validation's pooled metrics and reports on the parent run, which this ends."""
+        """The cross-validation's pooled metrics and reports on the parent run, which this ends; nothing if its
+        run has already FINISHED (these folds were pooled before, and that record stays as it was)."""
+        if not self.parent_id and self.recorded_id:
+            log.info("MLflow: this cross-validation is already recorded as run %s, left as it was", self.recorded_id)
+            return
+        self.open()
         scalars = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
         scalars |= {f"fold_accuracy.{k}": v for k, v in metrics.get("fold_accuracy", {}).items()}
         now = int(time.time() * 1000)
@@ -377,12 +391,13 @@ class Tracker:
     def register(self, name: str) -> str:
         """The finished cross-validation as a version of registered model `name` (made if new), once per parent run:
         its fold models are the `checkpoint/` artifacts of its fold runs. The version number."""
-        existing = self.client.search_model_versions(f"name = '{name}' and run_id = '{self.parent_id}'")
+        run_id = self.parent_id or self.recorded_id
+        existing = self.client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
         if existing:
             return str(existing[0].version)
         if not self.client.search_registered_models(f"name = '{name}'"):
             self.client.create_registered_model(name, description="esclab cross-validations: each version is one "
                                                 "run's fold models, averaged by esclab predict --models models:/...")
-        version = self.client.create_model_version(name, source=f"runs:/{self.parent_id}", run_id=self.parent_id,
+        version = self.client.create_model_version(name, source=f"runs:/{run_id}", run_id=run_id,
                                                    tags={KEY_TAG: self.key})
         return str(version.version)

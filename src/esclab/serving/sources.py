@@ -71,7 +71,10 @@ def load_from_mlflow(uri: str, fold: int | None, tracking_uri: str | None):
     run_id = run_of(uri, client)
     try:
         run = client.get_run(run_id)
-        runs = [run] if run.data.tags.get(FOLD_TAG, "all") != "all" else client.search_runs(
+        one_fold = run.data.tags.get(FOLD_TAG, "all")
+        if one_fold != "all" and fold is None:
+            fold = int(one_fold)  # a fold's run is that fold's model
+        runs = [run] if one_fold != "all" else client.search_runs(
             [run.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
         with tempfile.TemporaryDirectory() as tmp:
             for each in runs:

@@ -25,11 +25,13 @@ class Classifier(L.LightningModule):
     `preprocessing` is what a prediction must do to audio before this network sees it (serving/preprocessing.py),
     kept in the checkpoint's hyper-parameters; its `representation` (what the feature cache holds: logmel, waveform
     or embedding; log-mel when absent) decides how augmentations act. `class_weights` weigh each class's term of the
-    training loss (training/data.py's balanced_class_weights); None weighs them all 1."""
+    training loss (training/data.py's balanced_class_weights); None weighs them all 1. `identity` is the run that
+    trains it (training/run.py's stamp), kept so that serving never averages the folds of different runs."""
 
     def __init__(self, *, model: dict, n_classes: int, input_shape: tuple[int, int], optimizer: dict,
                  scheduler: dict | None = None, augment: dict | None = None, label_smoothing: float = 0.0,
-                 feature_std: float = 1.0, preprocessing: dict | None = None, class_weights: list[float] | None = None):
+                 feature_std: float = 1.0, preprocessing: dict | None = None, class_weights: list[float] | None = None,
+                 identity: dict | None = None):
         super().__init__()
         # Into the checkpoint only: the Tracker already logs the whole config to the fold's run, and Lightning's
         # copy would add every model/optimizer/augment key a second time, spelt with '/'.

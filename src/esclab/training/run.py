@@ -40,6 +40,7 @@ from esclab.config import minimised
 from esclab.data.representations import cache_settings, check_learner, representation
 from esclab.errors import EsclabError
 from esclab.evaluation.metrics import balanced_accuracy, write_reports
+from esclab.identity import changed
 from esclab.logs import silence_known_noise
 from esclab.models import model_settings
 from esclab.models.heads import HEADS, candidates, class_probabilities
@@ -95,13 +96,15 @@ def speed_up(network: torch.nn.Module, *, channels_last: bool = False, compile: 
     return network
 
 
-def build_classifier(cfg: DictConfig, data: FoldData) -> Classifier:
-    """The fold's module: network, optimizer, schedule, augmentation, loss and fast-path switches as `cfg` says."""
+def build_classifier(cfg: DictConfig, data: FoldData, identity: dict | None = None) -> Classifier:
+    """The fold's module: network, optimizer, schedule, augmentation, loss and fast-path switches as `cfg` says;
+    `identity` (the run's, `stamp`) goes into its checkpoints."""
     container = OmegaConf.to_container(cfg, resolve=True)
     module = Classifier(model=container["model"], n_classes=data.n_classes, input_shape=data.input_shape,
                         optimizer=container["optimizer"], scheduler=container["scheduler"] or None,
                         augment=container["augment"], label_smoothing=cfg.train.label_smoothing, feature_std=data.std,
-                        preprocessing=preprocessing_of(data), class_weights=class_weights(cfg, data))
+                        preprocessing=preprocessing_of(data), class_weights=class_weights(cfg, data),
+                        identity=identity)
     speed_up(module.model, channels_last=cfg.train.channels_last, compile=cfg.train.compile)
     return module
 
@@ -132,8 +135,7 @@ def train_fold(cfg: DictConfig, fold: int, tracker: Tracker) -> pd.DataFrame:
     reports = Path(cfg.paths.reports) / "folds" / str(fold)
     target = Path(cfg.paths.models) / f"fold_{fold}.ckpt"
     record = reports / "fold.json"
-    if target.is_file() and record.is_file() and json.loads(record.read_text())["run_key"] == tracker.key:
-        log.info("fold %d: already trained with this config and data (%s); skipping", fold, record)
+    if finished(fold, target, record, tracker.identity):
         return pd.read_csv(reports / "predictions.csv")
 
     fit = fit_head if cfg.model.name in HEADS else fit_network
@@ -152,11 +154,37 @@ def train_fold(cfg: DictConfig, fold: int, tracker: Tracker) -> pd.DataFrame:
         write_csv(history, reports / "history.csv")
         tracker.client.log_artifact(run_id, str(target), artifact_path="checkpoint")
         with atomic_file(record) as tmp:  # written last: the fold counts as finished only once it exists
-            tmp.write_text(json.dumps({"run_key": tracker.key, "test_acc": accuracy, "best_val": {monitor: best_val}},
+            tmp.write_text(json.dumps({"run_key": tracker.key, "fold": fold, "test_acc": accuracy,
+                                       "best_val": {monitor: best_val}, "identity": tracker.identity,
+                                       "git": {k: v for k, v in tracker.tags.items() if k.startswith("git.")}},
                                       indent=2) + "\n")
     shutil.rmtree(Path(cfg.paths.models) / f".fold_{fold}", ignore_errors=True)
     log.info("fold %d: test accuracy %.4f (%d files)", fold, accuracy, len(predictions))
     return predictions
+
+
+def unfinished(target: Path, record: Path, identity: dict) -> str:
+    """Why the fold whose model is `target` and record `record` (fold.json) has not finished under this `identity`
+    ("" when it has: both are there, and the record names this run key)."""
+    if not (target.is_file() and record.is_file()):
+        return "not trained yet"
+    return changed(json.loads(record.read_text()).get("identity"), identity)
+
+
+def finished(fold: int, target: Path, record: Path, identity: dict) -> bool:
+    """Whether `fold` has finished under this `identity`; otherwise it trains (again), and the log says why."""
+    why = unfinished(target, record, identity)
+    if not why:
+        log.info("fold %d: already trained by this code, config, data and weights (%s); skipping", fold, record)
+    elif target.is_file():
+        log.info("fold %d: %s was trained with %s; training it again", fold, target, why)
+    return not why
+
+
+def stamp(tracker: Tracker, cfg: DictConfig, fold: int) -> dict:
+    """What a fold's model file carries of its run: the identity, the fold and the folds of its cross-validation,
+    so that serving averages only the folds of one run (serving/models.py)."""
+    return {"run_key": tracker.key, "fold": fold, "folds": list(cfg.dataset.folds), **tracker.identity}
 
 
 def fit_network(cfg: DictConfig, fold: int, tracker: Tracker, run_id: str | None, target: Path
@@ -167,7 +195,7 @@ def fit_network(cfg: DictConfig, fold: int, tracker: Tracker, run_id: str | None
     """
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     data = fold_data(cfg, fold)
-    module = build_classifier(cfg, data)
+    module = build_classifier(cfg, data, stamp(tracker, cfg, fold))
     work = Path(cfg.paths.models) / f".fold_{fold}"  # Lightning's own checkpoints while the fold trains
     resume = resume_point(work, tracker.key, owner=tracker.active)
     monitor = cfg.train.monitor
@@ -251,7 +279,8 @@ def fit_head(cfg: DictConfig, fold: int, tracker: Tracker, run_id: str, target: 
             best = score, pipeline
     pipeline = best[1]
     with atomic_file(target) as tmp:
-        joblib.dump({"pipeline": pipeline, "preprocessing": preprocessing}, tmp)
+        joblib.dump({"pipeline": pipeline, "preprocessing": preprocessing, "identity": stamp(tracker, cfg, fold)},
+                    tmp)
     if cfg.tracking.log_model:
         tracker.log_head(run_id, pipeline, rows(data.test_rows[:2]))
     predictions = prediction_table(data.index, data.test_rows, probabilities(pipeline, data.test_rows))
@@ -281,20 +310,22 @@ def validation_score(cfg: DictConfig, folds: list[int]) -> float:
 
 
 def resume_point(work: Path, key: str, owner: bool = True) -> Path | None:
-    """The last checkpoint of an unfinished run of this fold with the same config and data, if any.
+    """The last checkpoint of an unfinished run of this fold with the same run key (code, config, data, weights).
 
     Its `owner` clears anything else in the work folder (another config's checkpoints);
     the other DDP processes only look, and whenever they look they see the owner's answer.
     """
-    stamp, last = work / "run_key", work / "checkpoints" / "last.ckpt"
-    if stamp.is_file() and stamp.read_text() == key and last.is_file():
-        log.info("resuming from %s", last)
-        return last
+    key_file, last = work / "run_key", work / "checkpoints" / "last.ckpt"
+    if key_file.is_file() and last.is_file():
+        if key_file.read_text() == key:
+            log.info("resuming from %s", last)
+            return last
+        log.info("not resuming from %s: another code, config, data or weights wrote it; starting afresh", last)
     if not owner:
         return None
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    stamp.write_text(key)
+    key_file.write_text(key)
     return None
 
 
@@ -334,8 +365,12 @@ def train(cfg: DictConfig) -> float | None:
                           "the classes for a head too)")
     check_cache(Path(cfg.paths.features), representation(cfg.features), cache_settings(cfg.features))
     distributed.check_parallel_folds(cfg.train.parallel_folds, cfg.trainer.devices, cfg.trainer.get("num_nodes", 1))
-    # Creates the parent run before any fold process looks for it; under DDP only rank zero's does.
+    # Finds or creates the parent run before any fold process looks for it; under DDP only rank zero's does.
     tracker = Tracker(cfg, active=distributed.is_rank_zero())
+    reports, models = Path(cfg.paths.reports) / "folds", Path(cfg.paths.models)
+    if tracker.active and any(unfinished(models / f"fold_{fold}.ckpt", reports / str(fold) / "fold.json",
+                                         tracker.identity) for fold in ([cfg.fold] if cfg.fold else folds)):
+        tracker.open()  # a new parent run if the cross-validation's last one has FINISHED
     if cfg.fold is not None:
         train_fold(cfg, cfg.fold, tracker)
         if not tracker.active:
@@ -399,6 +434,7 @@ def evaluate(cfg: DictConfig, tracker: Tracker | None = None) -> dict:
     reports = Path(cfg.paths.reports)
     tracker = tracker or Tracker(cfg)
     try:
+        check_folds(reports / "folds", list(cfg.dataset.folds), tracker.key)
         metrics = write_reports(reports / "folds", Path(cfg.paths.features) / "index.csv", reports,
                                 folds=list(cfg.dataset.folds), top_k=cfg.evaluate.top_k)
     except BaseException:
@@ -412,3 +448,22 @@ def evaluate(cfg: DictConfig, tracker: Tracker | None = None) -> dict:
         log.info("registered: esclab predict --models models:/%s/%s", cfg.tracking.register_as, version)
     log.info("MLflow: %s", tracker.ui_url())
     return pooled
+
+
+def check_folds(folds_dir: Path, folds: list[int], key: str) -> None:
+    """Refuse to pool folds that are not this cross-validation's: each of `folds` must have finished (fold.json)
+    with run key `key`, i.e. with the code, config, data and weights the pipeline has now."""
+    missing, odd = [], []
+    for fold in folds:
+        record = folds_dir / str(fold) / "fold.json"
+        if not record.is_file():
+            missing.append(fold)
+        elif json.loads(record.read_text()).get("run_key") != key:
+            odd.append(fold)
+    if missing:
+        raise EsclabError(f"folds {', '.join(map(str, missing))} have no finished run in {folds_dir} (fold.json): "
+                          "train them (dvc repro, or python train.py with the same settings)")
+    if odd:
+        raise EsclabError(f"folds {', '.join(map(str, odd))} in {folds_dir} were trained with other code, config, "
+                          "data or weights than the settings now (a hand-run `python train.py fold=k ...`, or an older "
+                          "run): retrain them with `dvc repro`, or `python train.py` with these settings")

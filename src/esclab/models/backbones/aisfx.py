@@ -117,6 +117,7 @@ class AiSfx:
 
     def __init__(self, weights: Path | None = None):
         self.weights, self.sha256 = WEIGHTS.checked(weights)
+        self.source = str(weights) if weights else None  # the setting as given: null is the wheel's copy
         self.network = load_network(self.weights)
         self.filters = mel_filters()
 

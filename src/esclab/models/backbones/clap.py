@@ -44,7 +44,8 @@ class Clap:
     pinned = WEIGHTS
 
     def __init__(self, weights: Path | None = None):
-        self.weights, self.sha256 = WEIGHTS.checked(weights)
+        checkpoint = WEIGHTS.checkpoint(weights)
+        self.weights, self.sha256, self.source = checkpoint.folder, checkpoint.sha256, checkpoint.exact_name
         self.model, processor = load_model(self.weights, self.sha256)
         self.extractor = processor.feature_extractor
         self.sample_rate = self.extractor.sampling_rate

@@ -7,15 +7,23 @@ Whisper, AST, CLAP) is named by one setting that takes either a hub id
 first (the hub's cache for an id; `HF_HUB_OFFLINE=1` is honoured by
 `huggingface_hub` itself), so everything after it loads from disk, and the sha256
 of the folder's weight files is what a cache or a run records, as for a pinned
-weights file. A hub that cannot be reached, an id that does not exist, or a folder
-without a model ends in one line naming the setting and the offline fix.
+weights file. A hub id takes a revision, `facebook/wav2vec2-base@<commit>`; without
+one the hub's current one is taken, and the log names the commit it resolved to and
+how to pin it, which the embedding cache also records (`Checkpoint.exact_name`), so that
+serving rebuilds a backbone from the very revision the model was trained on. A hub
+that cannot be reached, an id or revision that does not exist, or a folder without a
+model ends in one line naming the setting and the offline fix.
 """
+
+import logging
 
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from esclab.errors import EsclabError
+
+log = logging.getLogger(__name__)
 
 WEIGHT_FILES = ("*.safetensors", "*.bin")  # what a checkpoint's numbers live in (the hash covers these)
 NEEDED = [*WEIGHT_FILES, "*.json", "*.txt", "*.model"]  # weights, configs, vocabularies; not other frameworks' copies
@@ -28,6 +36,12 @@ class Checkpoint:
     name: str
     folder: Path
     sha256: str
+    revision: str | None = None  # the hub commit a hub id resolved to; None for a local folder
+
+    @property
+    def exact_name(self) -> str:
+        """The setting that names exactly these weights: the folder, or the hub id at its resolved revision."""
+        return f"{hub_id(self.name)[0]}@{self.revision}" if self.revision else self.name
 
 
 def quiet_transformers() -> None:
@@ -59,10 +73,23 @@ def weights_sha256(folder: Path) -> str:
     return digest.hexdigest()
 
 
+def hub_id(name: str) -> tuple[str, str | None]:
+    """A hub id and its revision: `org/model@rev` -> (org/model, rev), `org/model` -> (org/model, None)."""
+    repo_id, _, revision = str(name).partition("@")
+    return repo_id, revision or None
+
+
 def resolve(name: str | Path, setting: str) -> Checkpoint:
-    """The checkpoint `name` (the value of `setting`) as a local folder with its weights' sha256."""
+    """The checkpoint `name` (the value of `setting`) as a local folder with its weights' sha256 (and the hub
+    revision it resolved to)."""
     folder = local_folder(name, setting)
-    return Checkpoint(name=str(name), folder=folder, sha256=weights_sha256(folder))
+    revision = None
+    if not Path(name).expanduser().is_dir():  # from the hub: its cache keeps each revision in snapshots/<commit>/
+        revision = folder.name
+        if hub_id(name)[1] is None:
+            log.info("%s=%s is the hub's revision %s today; to keep these weights: %s=%s@%s", setting, name,
+                     revision, setting, name, revision)
+    return Checkpoint(name=str(name), folder=folder, sha256=weights_sha256(folder), revision=revision)
 
 
 def local_folder(name: str | Path, setting: str) -> Path:
@@ -75,27 +102,32 @@ def local_folder(name: str | Path, setting: str) -> Path:
         if Path(name).is_absolute() or str(name).startswith((".", "~")) or str(name).count("/") > 1:
             raise EsclabError(f"{setting}={name}: no such folder; point it at a folder written by save_pretrained, "
                               f"or at a hub id such as facebook/wav2vec2-base")
-        folder = download(str(name), setting)
+        folder = download(*hub_id(name), setting)
     if not (folder / "config.json").is_file() or not weight_files(folder):
         raise EsclabError(f"{setting}={name}: {folder} holds no config.json and weights (*.safetensors or *.bin); "
                           f"point it at a folder written by save_pretrained")
     return folder
 
 
-def download(repo_id: str, setting: str) -> Path:
-    """The hub's cached snapshot of `repo_id`, fetched first unless HF_HUB_OFFLINE=1 (then only the cache counts)."""
+def download(repo_id: str, revision: str | None, setting: str) -> Path:
+    """The hub's cached snapshot of `repo_id` at `revision` (its current one if None), fetched first unless
+    HF_HUB_OFFLINE=1 (then only the cache counts)."""
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
 
+    named = f"{setting}={repo_id}" + (f"@{revision}" if revision else "")
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=NEEDED))
-    except (RepositoryNotFoundError, RevisionNotFoundError, HFValidationError):  # gated repositories included
-        raise EsclabError(f"{setting}={repo_id} is not a model the hub lets us download, nor a folder here: check "
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=NEEDED))
+    except RevisionNotFoundError:
+        raise EsclabError(f"{named}: the hub has no revision {revision} of {repo_id}: check the commit, or "
+                          f"{offline_fix(setting)}") from None
+    except (RepositoryNotFoundError, HFValidationError):  # gated repositories included
+        raise EsclabError(f"{named} is not a model the hub lets us download, nor a folder here: check "
                           f"the id, or {offline_fix(setting)}") from None
     except OSError:  # the hub's LocalEntryNotFoundError, and connection errors
         cause = "HF_HUB_OFFLINE=1 and it is not in the hub's cache" if constants.HF_HUB_OFFLINE \
             else "the Hugging Face hub cannot be reached"
-        raise EsclabError(f"{setting}={repo_id}: {cause}; {offline_fix(setting)}") from None
+        raise EsclabError(f"{named}: {cause}; {offline_fix(setting)}") from None
 
 
 @dataclass(frozen=True)
@@ -110,6 +142,9 @@ class HubWeights:
     def setting(self) -> str:
         return f"features.weights.{self.backbone}"
 
+    def checkpoint(self, weights: str | Path | None) -> Checkpoint:
+        return resolve(weights or self.default, self.setting)
+
     def checked(self, weights: str | Path | None) -> tuple[Path, str]:
-        checkpoint = resolve(weights or self.default, self.setting)
+        checkpoint = self.checkpoint(weights)
         return checkpoint.folder, checkpoint.sha256

@@ -33,7 +33,8 @@ class SpeechEncoder:
         from transformers import AutoFeatureExtractor, AutoModelForAudioClassification
 
         quiet_transformers()
-        self.weights, self.sha256 = self.pinned.checked(weights)
+        checkpoint = self.pinned.checkpoint(weights)
+        self.weights, self.sha256, self.source = checkpoint.folder, checkpoint.sha256, checkpoint.exact_name
         self.extractor = AutoFeatureExtractor.from_pretrained(self.weights)
         # The audio-classification class is the one Auto class that gives every family's encoder alone (Whisper's
         # AutoModel is the whole encoder-decoder); its head is never used.

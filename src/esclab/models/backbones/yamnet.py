@@ -99,6 +99,7 @@ class YamNet:
 
     def __init__(self, weights: Path | None = None):
         self.weights, self.sha256 = WEIGHTS.checked(weights)
+        self.source = str(weights) if weights else None  # the setting as given: null is the wheel's copy
         import onnx
         import onnxruntime
 
