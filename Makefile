@@ -87,7 +87,7 @@ BENCH_CV   ?= --clips-per-class 5 --folds 1 --epochs 2
 BENCH_DDP  ?= --threads 1 --clips-per-class 10 dataset.synthetic.duration=1.0 dataset.synthetic.sample_rate=16000 \
 	features.sample_rate=16000 features.duration=1.0 features.n_fft=512 features.hop_length=128 features.n_mels=32
 
-## bench: features stage, embedding stage, training step (cnn4's switches, the fine-tuning recipes), 5-fold wall-clock, DDP on the CPU (prints, writes reports/bench/*.json)
+## bench: features stage, embedding stage, training step (cnn4's switches, the fine-tuning recipes), 5-fold wall-clock, DDP on the CPU, the demo under another instruction set (prints, writes reports/bench/*.json)
 bench: setup
 	python bench/features.py
 	python bench/embed.py
@@ -95,3 +95,4 @@ bench: setup
 	python bench/train_step.py $(BENCH_FAMILIES) --out reports/bench/train_step_families.json
 	python bench/cv_wallclock.py $(BENCH_CV)
 	python bench/ddp.py $(BENCH_DDP)
+	python bench/isa.py

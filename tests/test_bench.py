@@ -102,3 +102,16 @@ def test_embed_bench_times_each_backbone(tmp_path):
     result = bench("embed", tmp_path / "embed.json", "--clips-per-class", "5")
     assert result["clips"] == 250 and [row["backbone"] for row in result["backbones"]] == ["yamnet", "aisfx"]
     assert all(row["clips_per_s"] > 0 and row["peak_rss_mb"] > 0 for row in result["backbones"])
+
+
+def test_isa_bench_runs_the_same_pipeline_under_each_instruction_set(tmp_path):
+    """At a toy size: the reference run against itself changes nothing; AVX2's run is the same pipeline, whatever
+    it moves on this processor."""
+    result = bench("isa", tmp_path / "isa.json", "--capabilities", "default,avx2,default", "experiment=demo",
+                   "dataset.synthetic.n_classes=3", "dataset.synthetic.clips_per_class=5",
+                   "dataset.synthetic.duration=1.0", "trainer.max_epochs=1")
+    rows = result["runs"]
+    assert [r["capability"] for r in rows] == ["default", "avx2", "default"]
+    assert rows[0]["answers_changed"] == rows[0]["cache_values_changed"] == 0
+    assert rows[2]["answers_changed"] == rows[2]["cache_values_changed"] == 0  # a rerun is bit for bit the same
+    assert rows[1]["cache_values"] == rows[0]["cache_values"] == 15 * 40 * 63  # clips x mels x frames
