@@ -105,13 +105,13 @@ def test_embed_bench_times_each_backbone(tmp_path):
 
 
 def test_isa_bench_runs_the_same_pipeline_under_each_instruction_set(tmp_path):
-    """At a toy size: the reference run against itself changes nothing; AVX2's run is the same pipeline, whatever
-    it moves on this processor."""
-    result = bench("isa", tmp_path / "isa.json", "--capabilities", "default,avx2,default", "experiment=demo",
+    """At a toy size: the reference run against itself changes nothing; AVX2's run is the same pipeline, compared
+    value for value, whatever it moves on this processor."""
+    result = bench("isa", tmp_path / "isa.json", "--capabilities", "default,avx2", "experiment=demo",
                    "dataset.synthetic.n_classes=3", "dataset.synthetic.clips_per_class=5",
                    "dataset.synthetic.duration=1.0", "trainer.max_epochs=1")
-    rows = result["runs"]
-    assert [r["capability"] for r in rows] == ["default", "avx2", "default"]
-    assert rows[0]["answers_changed"] == rows[0]["cache_values_changed"] == 0
-    assert rows[2]["answers_changed"] == rows[2]["cache_values_changed"] == 0  # a rerun is bit for bit the same
-    assert rows[1]["cache_values"] == rows[0]["cache_values"] == 15 * 40 * 63  # clips x mels x frames
+    reference, avx2 = result["runs"]
+    assert (reference["capability"], avx2["capability"]) == ("default", "avx2")
+    assert reference["answers_changed"] == reference["cache_values_changed"] == 0
+    assert avx2["cache_values"] == reference["cache_values"] == 15 * 40 * 63  # clips x mels x frames
+    assert 0 <= avx2["cache_values_changed"] <= avx2["cache_values"] and 0 <= avx2["answers_changed"] <= 15

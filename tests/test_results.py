@@ -45,6 +45,9 @@ def test_every_record_names_its_command_machine_and_data():
         assert record["command"] and record["machine"], path
         assert all(len(record["data"][name].removesuffix(".dir")) == 32 for name in ("raw", "split", "features")), path
         assert record["metrics"]["fold_accuracy"], path
+        if "code" in record:  # records made since they name their code: a clean commit, and the code's hash
+            assert len(record["code"]["commit"]) == 40 and record["code"]["dirty"] == "false", path
+            assert len(record["code"]["sha256"]) == 64, path
 
 
 def test_a_table_edited_by_hand_is_put_back(tmp_path):

@@ -38,11 +38,6 @@ def module_file(name: str) -> Path | None:
     return None
 
 
-def module_name(path: Path) -> str:
-    parts = path.relative_to(SOURCE).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
 def imported(tree: ast.AST, package: str) -> set[str]:
     """The esclab modules an AST imports: `import esclab.x`, `from esclab.x import y` (y too, where it is a module
     of its own) and relative imports resolved against `package`."""
@@ -60,6 +55,12 @@ def imported(tree: ast.AST, package: str) -> set[str]:
     return {name for name in names if name.split(".")[0] == "esclab" and module_file(name)}
 
 
+def top_level(tree: ast.Module) -> ast.Module:
+    """A module's imports that run when it is imported, not those inside its functions."""
+    return ast.Module(body=[node for node in tree.body if isinstance(node, ast.Import | ast.ImportFrom)],
+                      type_ignores=[])
+
+
 def with_parents(name: str) -> set[str]:
     """Importing esclab.a.b runs esclab/__init__.py and esclab/a/__init__.py first."""
     parts = name.split(".")
@@ -74,12 +75,10 @@ def entry_imports(entry: str) -> set[str]:
     module, function = entry.split(":")
     path = module_file(module)
     tree = ast.parse(path.read_text())
-    top = ast.Module(body=[node for node in tree.body if isinstance(node, ast.Import | ast.ImportFrom)],
-                     type_ignores=[])
     body = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == function]
     if not body:
         raise ValueError(f"{path} has no function {function}")
-    return imported(top, module) | imported(body[0], module) | {module}
+    return imported(top_level(tree), module) | imported(body[0], module) | {module}
 
 
 @cache
@@ -96,11 +95,9 @@ def closure(entry: str, targets: tuple[str, ...] = ()) -> tuple[Path, ...]:
         path = module_file(name)
         if path is None:
             continue
+        tree = ast.parse(path.read_text())
         if name == DISPATCHER:  # its stage functions' imports belong to their stages (module docstring)
-            tree = ast.Module(body=[n for n in ast.parse(path.read_text()).body
-                                    if isinstance(n, ast.Import | ast.ImportFrom)], type_ignores=[])
-        else:
-            tree = ast.parse(path.read_text())
+            tree = top_level(tree)
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
         for found in imported(tree, package):
             pending |= with_parents(found) - seen

@@ -135,7 +135,9 @@ def record_workspace(cfg: DictConfig, root: Path, records: dict[Path, dict]) -> 
     md5s = locked_md5s(root, cfg.paths)
     path, made = matches[0], run_of(cfg, md5s)
     machine = made["machine"]
-    record = records[path] | made | {"data": md5s, "metrics": {k: metrics[k] for k in KEPT_METRICS}}
+    # What the row is stays; what a run made it from is this run's (an older record's notes on its run go).
+    record = ({k: v for k, v in records[path].items() if k in ("title", "command", "overrides")} | made
+              | {"data": md5s, "metrics": {k: metrics[k] for k in KEPT_METRICS}})
     kept = records[path]
     if kept.get("code") and (kept["data"], kept["metrics"], kept["machine"]) == (md5s, record["metrics"], machine):
         log.info("results: %s already records this run's data and metrics, made by the code it names", path)

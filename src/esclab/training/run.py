@@ -4,8 +4,9 @@
 it directly. For each test fold it fits on the other folds, keeps the checkpoint
 with the best validation score, predicts the test fold with it and writes
 `models/fold_<k>.ckpt`, `reports/folds/<k>/predictions.csv`, `history.csv` and
-`fold.json` (the run key that says which config and data made them, and the
-validation score that chose the model). A whole cross-validation (fold=null)
+`fold.json` (the identity, identity.py, of the code, config, data and weights that
+made them, and the validation score that chose the model); evaluate pools only
+folds of one identity. A whole cross-validation (fold=null)
 also pools the folds into `reports/`; with `train.parallel_folds` > 1 its folds
 train that many at a time, each in its own process (on a GPU of its own where
 there are several). With `trainer=ddp` each fold trains over several processes,
@@ -126,8 +127,8 @@ def class_weights(cfg: DictConfig, data: FoldData) -> list[float] | None:
 def train_fold(cfg: DictConfig, fold: int, tracker: Tracker) -> pd.DataFrame:
     """Fit on every fold but `fold`, predict `fold` with the model validation chose; returns the predictions.
 
-    A fold already finished with this config and data is not trained again; an
-    unfinished network (killed, or failed) resumes from its last epoch's checkpoint.
+    A fold already finished with this run key (code, config, data, weights) is not trained again; an
+    unfinished network (killed, or failed) resumes from its last epoch's checkpoint under the same key.
     Networks train with Lightning (`fit_network`), scikit-learn heads with their own
     fit (`fit_head`); both leave the same outputs. A DDP process other than rank
     zero (an inactive tracker) trains its share of a network and returns None.
