@@ -25,7 +25,7 @@ def run(repo: Path, *cmd: str) -> subprocess.CompletedProcess:
 def git_dvc_repo(path: Path) -> Path:
     """A fresh git+DVC repo holding esclab's pipeline definition and the code its stages depend on."""
     path.mkdir()
-    for name in ("dvc.yaml", "conf", "src", "train.py", ".gitignore", "README.md", "reports/results",
+    for name in ("dvc.yaml", "conf", "src", "train.py", ".gitignore", "README.md", "reports/results", "reports/bench",
                  "requirements.lock", "requirements-nodeps.lock"):
         source = REPO / name
         (shutil.copytree if source.is_dir() else shutil.copy)(source, path / name)
