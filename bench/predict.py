@@ -104,6 +104,12 @@ def fold_accuracy(models: Path, split: Path, tmp: Path) -> list[dict]:
     return rows
 
 
+def accuracy_summary(folds: list[dict]) -> str:
+    """`fold_accuracy`'s rows as each format's mean accuracy and how many answers int8 changed."""
+    means = (f"{fmt} {100 * np.mean([row[f'{fmt}_accuracy'] for row in folds]):.2f} %" for fmt in FORMATS)
+    return f"{', '.join(means)} ({sum(row['int8_changed_predictions'] for row in folds)} int8 answers changed)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", type=Path, action="append", required=True,
@@ -142,14 +148,10 @@ def main() -> None:
               "machine": platform.processor() or platform.machine(), "formats": rows}
     for name, folds in accuracy.items():
         result[f"accuracy {name}"] = folds
-    def accuracy_of(folds: list[dict]) -> str:
-        means = (f"{fmt} {100 * np.mean([row[f'{fmt}_accuracy'] for row in folds]):.2f} %" for fmt in FORMATS)
-        return f"{', '.join(means)} ({sum(row['int8_changed_predictions'] for row in folds)} int8 answers changed)"
-
     report(result, args.out, title="a trained model per format (torch, ONNX, ONNX int8) on one core: file size, peak "
            "RSS, latency per clip; each fold's held-back clips", headline="; ".join(
                f"{r['model']} {r['format']}: {r['size_mb']} MB, peak RSS {r['peak_rss_mb']} MB, {r['ms_per_clip']} ms"
-               for r in rows) + "".join(f"; {name} accuracy: {accuracy_of(folds)}" for name, folds in accuracy.items()))
+               for r in rows) + "".join(f"; {name} accuracy: {accuracy_summary(folds)}" for name, folds in accuracy.items()))
 
 
 if __name__ == "__main__":

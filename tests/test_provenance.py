@@ -28,11 +28,16 @@ def copy_of_the_code(dest: Path) -> Path:
     return dest
 
 
-def train_with(code: Path, *overrides: str, cwd: Path) -> subprocess.CompletedProcess:
-    """`python train.py` of the copy in `code`, its package first on the path."""
+def running(code: Path) -> dict[str, str]:
+    """The environment that runs the copy in `code`: its package first on the path, errors as a user sees them,
+    runs logged where the overrides say."""
     env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "MLFLOW_TRACKING_URI")}
-    env["PYTHONPATH"] = str(code / "src")
-    return subprocess.run([sys.executable, str(code / "train.py"), *overrides], cwd=cwd, env=env,
+    return env | {"PYTHONPATH": str(code / "src")}
+
+
+def train_with(code: Path, *overrides: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`python train.py` of the copy in `code`."""
+    return subprocess.run([sys.executable, str(code / "train.py"), *overrides], cwd=cwd, env=running(code),
                           capture_output=True, text=True)
 
 
@@ -77,7 +82,7 @@ def test_other_code_retrains_never_resumes_and_leaves_the_old_runs_as_they_were(
     module.write_text(module.read_text() + "\n# v2\n")
     checkpoint = out / "models/.fold_2/checkpoints/last.ckpt"
     kill_when([sys.executable, str(code / "train.py"), *overrides], cwd=tmp_path, ready=checkpoint.is_file,
-              env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"PYTHONPATH": str(code / "src")})
+              env=running(code))
     assert json.loads(record.read_text()) == v1  # the killed run finished nothing
 
     module.write_text(module.read_text() + "# v3\n")

@@ -124,15 +124,13 @@ def check_one_run(models: list[FoldModel], models_dir: Path) -> None:
     if unstamped:
         raise EsclabError(f"{', '.join(unstamped)} in {models_dir} do not say which run trained them (made before "
                           f"esclab recorded it); {RETRAIN}")
-    runs: dict[str, list[FoldModel]] = {}
-    for model in models:
-        runs.setdefault(model.identity["run_key"], []).append(model)
-    if len(runs) > 1:
-        largest = max(runs.values(), key=len)
-        odd = [m.path.name for m in models if m not in largest]
-        raise EsclabError(f"{', '.join(odd)} in {models_dir} come from another run than "
-                          f"{', '.join(m.path.name for m in largest)} (other code, config or data): retrain them "
-                          "(dvc repro), or pick one model with --fold")
+    keys = [m.identity["run_key"] for m in models]
+    most = max(set(keys), key=keys.count)
+    if len(set(keys)) > 1:
+        odd = [m.path.name for m, key in zip(models, keys) if key != most]
+        same = [m.path.name for m, key in zip(models, keys) if key == most]
+        raise EsclabError(f"{', '.join(odd)} in {models_dir} come from another run than {', '.join(same)} (other "
+                          "code, config or data): retrain them (dvc repro), or pick one model with --fold")
     found = sorted(m.identity["fold"] for m in models)
     expected = sorted(models[0].identity["folds"])
     if found != expected:

@@ -15,9 +15,8 @@ that cannot be reached, an id or revision that does not exist, or a folder witho
 model ends in one line naming the setting and the offline fix.
 """
 
-import logging
-
 import hashlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
